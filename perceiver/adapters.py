@@ -6,7 +6,8 @@ it may return ``(array, pad_mask)`` with ``pad_mask`` (B, M), True = valid.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn

@@ -8,7 +8,8 @@ shapes are a key padding mask ``(B, N_kv)`` (see :func:`key_padding_to_attn_mask
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,7 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         # (B, N, H*D) -> (B, H, N, D)
         b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, -1).transpose(1, 2)
+        return x.view(b, n, self.num_heads, x.shape[-1] // self.num_heads).transpose(1, 2)  # explicit: N may be 0
 
     def forward(
         self,

@@ -1,0 +1,293 @@
+"""Perceiver encoder benchmark: this project vs Hugging Face `PerceiverModel` vs `perceiver-pytorch`.
+
+Part 1 (--part peers): forward+backward throughput on one configuration, peers timed interleaved in
+one process (so a busy machine slows all alike), and peak memory of one training step, each measured
+in a fresh subprocess as the growth of peak RSS over the RSS after the model was built.
+
+Part 2 (--part scaling): time and peak memory of a training step versus input length M (1k..64k) with
+fixed latents, next to a standard transformer encoder (torch.nn.TransformerEncoder) on the same
+inputs; log-log slopes are fitted and a PNG plot + JSON + CSV are written.
+
+    python benchmarks/bench_encoder.py                 # both parts, results in benchmarks/results/
+    python benchmarks/bench_encoder.py --part peers --configs long-input --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Named configurations; every implementation gets the same one. (batch, input length M, model sizes)
+PEER_CONFIGS = {
+    # latent transformer dominates: matmul-bound, all implementations do the same GEMMs
+    "latent-heavy": dict(batch=4, length=4096, input_channels=64, num_latents=256, latent_channels=512,
+                         cross_heads=1, self_heads=8, self_attends=6, widening=4),
+    # long input: the cross-attention over M dominates, where fused attention pays off
+    "long-input": dict(batch=2, length=32768, input_channels=64, num_latents=256, latent_channels=512,
+                       cross_heads=1, self_heads=8, self_attends=2, widening=1),
+    # 128x128 image with 64-band Fourier features (261 channels) as raw-pixel Perceiver input
+    "image-128-fourier": dict(batch=2, length=16384, input_channels=261, num_latents=256, latent_channels=512,
+                              cross_heads=1, self_heads=8, self_attends=2, widening=1),
+}
+
+
+def build(impl: str, cfg: dict) -> nn.Module:
+    """A Perceiver encoder that maps (B, M, C) -> (B, N, D) latents, for each implementation."""
+    if impl == "ours":
+        from perceiver import EncoderConfig, PerceiverEncoder
+
+        return PerceiverEncoder(
+            EncoderConfig(
+                num_input_channels=cfg["input_channels"],
+                num_latents=cfg["num_latents"],
+                num_latent_channels=cfg["latent_channels"],
+                num_cross_attention_heads=cfg["cross_heads"],
+                num_self_attention_heads=cfg["self_heads"],
+                num_self_attends_per_block=cfg["self_attends"],
+                cross_attention_widening_factor=cfg["widening"],
+                self_attention_widening_factor=cfg["widening"],
+            )
+        )
+    if impl == "hf":
+        from transformers import PerceiverConfig, PerceiverModel
+
+        hf = PerceiverModel(
+            PerceiverConfig(
+                d_model=cfg["input_channels"],
+                num_latents=cfg["num_latents"],
+                d_latents=cfg["latent_channels"],
+                num_cross_attention_heads=cfg["cross_heads"],
+                num_self_attention_heads=cfg["self_heads"],
+                num_self_attends_per_block=cfg["self_attends"],
+                cross_attention_widening_factor=cfg["widening"],
+                self_attention_widening_factor=cfg["widening"],
+                attention_probs_dropout_prob=0.0,
+            )
+        )
+
+        class HF(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = hf
+
+            def forward(self, x):
+                return self.model(inputs=x).last_hidden_state
+
+        return HF()
+    if impl == "perceiver-pytorch":
+        from perceiver_pytorch import Perceiver
+
+        return Perceiver(
+            num_freq_bands=1,
+            max_freq=1.0,
+            depth=1,
+            input_channels=cfg["input_channels"],
+            input_axis=1,
+            num_latents=cfg["num_latents"],
+            latent_dim=cfg["latent_channels"],
+            cross_heads=cfg["cross_heads"],
+            cross_dim_head=cfg["input_channels"] // cfg["cross_heads"],  # qk width = input width, as ours/HF
+            latent_heads=cfg["self_heads"],
+            latent_dim_head=cfg["latent_channels"] // cfg["self_heads"],
+            self_per_cross_attn=cfg["self_attends"],
+            fourier_encode_data=False,
+            final_classifier_head=False,
+        )
+    if impl == "transformer":
+        layer = nn.TransformerEncoderLayer(
+            cfg["input_channels"], cfg["transformer_heads"], cfg["widening"] * cfg["input_channels"],
+            dropout=0.0, activation="gelu", batch_first=True, norm_first=True,
+        )
+        return nn.TransformerEncoder(layer, cfg["transformer_layers"], enable_nested_tensor=False)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> None:
+    out = model(x)
+    out.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def peak_rss_mib() -> float:
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from the parent's RSS at fork time.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure_memory(impl: str, cfg: dict, batch: int, length: int) -> float:
+    """Peak RSS growth (MiB) of one training step, in a fresh interpreter."""
+    here = str(Path(__file__).resolve().parent)
+    code = (
+        f"import json,sys,torch; sys.path.insert(0, {here!r}); import bench_encoder as b;"
+        "torch.manual_seed(0); cfg=json.loads(sys.argv[1]); m=b.build(sys.argv[2], cfg);"
+        f"x=torch.randn({batch}, {length}, cfg['input_channels']); base=b.current_rss_mib();"
+        "b.train_step(m, x); print(b.peak_rss_mib()-base)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cfg), impl], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def time_steps(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per training step; implementations interleaved round by round."""
+    for m in models.values():  # warm-up
+        train_step(m, x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in tqdm(range(repeats), desc="rounds", leave=False):
+        for name, m in models.items():
+            t = time.perf_counter()
+            train_step(m, x)
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_peers(args) -> dict:
+    impls = ["ours", "hf", "perceiver-pytorch"]
+    results = {}
+    for name in args.configs:
+        cfg = PEER_CONFIGS[name]
+        torch.manual_seed(0)
+        models = {k: build(k, cfg).train() for k in impls}
+        params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+        x = torch.randn(cfg["batch"], cfg["length"], cfg["input_channels"])
+        secs = time_steps(models, x, args.repeats)
+        del models
+        mem = {k: measure_memory(k, cfg, cfg["batch"], cfg["length"]) for k in tqdm(impls, desc="memory", leave=False)}
+        fastest_peer = min(secs[k] for k in impls if k != "ours")
+        lowest_peer_mem = min(mem[k] for k in impls if k != "ours")
+        results[name] = {
+            "config": cfg, "threads": torch.get_num_threads(), "params": params, "seconds_per_step": secs,
+            "peak_memory_mib": mem, "samples_per_second": {k: cfg["batch"] / s for k, s in secs.items()},
+            "speedup_vs_fastest_peer": fastest_peer / secs["ours"],
+            "memory_ratio_vs_lowest_peer": mem["ours"] / lowest_peer_mem,
+        }
+        print(f"\n[{name}] forward+backward, batch {cfg['batch']}, {cfg['length']} inputs x {cfg['input_channels']} "
+              f"channels, {cfg['num_latents']} x {cfg['latent_channels']} latents, {cfg['self_attends']} self-attends, "
+              f"{torch.get_num_threads()} threads")
+        print(f"{'implementation':<20}{'params':>12}{'s/step':>10}{'samples/s':>11}{'peak MiB':>10}{'ours faster by':>16}")
+        for k in impls:
+            print(f"{k:<20}{params[k]:>12,}{secs[k]:>10.3f}{cfg['batch'] / secs[k]:>11.2f}{mem[k]:>10.0f}"
+                  f"{secs[k] / secs['ours']:>15.2f}x")
+        print(f"ours vs fastest peer: {results[name]['speedup_vs_fastest_peer']:.2f}x the speed, "
+              f"{results[name]['memory_ratio_vs_lowest_peer']:.2f}x the peak memory of the leanest peer")
+    return results
+
+
+def slope(xs, ys) -> float:
+    lx, ly = [math.log(v) for v in xs], [math.log(v) for v in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def run_scaling(args) -> dict:
+    cfg = dict(input_channels=64, num_latents=256, latent_channels=256, cross_heads=1, self_heads=4,
+               self_attends=2, widening=4, transformer_heads=4, transformer_layers=2)
+    lengths = [1024 * 2**i for i in range(7)]  # 1k .. 64k
+    rows = []
+    skip_transformer = False
+    for m_len in tqdm(lengths, desc="input length"):
+        for impl in ("ours", "transformer"):
+            if impl == "transformer" and skip_transformer:
+                continue
+            torch.manual_seed(0)
+            model = build(impl, cfg).train()
+            x = torch.randn(1, m_len, cfg["input_channels"])
+            secs = time_steps({impl: model}, x, args.scaling_repeats)[impl]
+            mem = measure_memory(impl, cfg, 1, m_len)
+            rows.append({"impl": impl, "length": m_len, "seconds": secs, "peak_memory_mib": mem})
+            if impl == "transformer" and secs > args.transformer_cap_seconds:
+                skip_transformer = True  # the next doubling would take ~4x longer
+    fits = {}
+    for impl in ("ours", "transformer"):
+        r = [row for row in rows if row["impl"] == impl]
+        # fit on lengths >= 4k, where fixed per-step costs no longer dominate
+        big = [row for row in r if row["length"] >= 4096] or r
+        fits[impl] = {
+            "time_slope": slope([row["length"] for row in big], [row["seconds"] for row in big]),
+            "memory_slope": slope([row["length"] for row in big], [max(row["peak_memory_mib"], 1e-3) for row in big]),
+            "lengths_fitted": [row["length"] for row in big],
+        }
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "scaling.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot_scaling(rows, fits, RESULTS / "scaling.png")
+    print(f"\n{'impl':<13}{'M':>8}{'s/step':>10}{'peak MiB':>10}")
+    for row in rows:
+        print(f"{row['impl']:<13}{row['length']:>8}{row['seconds']:>10.3f}{row['peak_memory_mib']:>10.0f}")
+    for impl, fit in fits.items():
+        print(f"{impl}: log-log slope time {fit['time_slope']:.2f}, memory {fit['memory_slope']:.2f} "
+              f"(fitted on M in {fit['lengths_fitted']})")
+    return {"config": cfg, "rows": rows, "fits": fits, "threads": torch.get_num_threads()}
+
+
+def plot_scaling(rows, fits, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "seconds", "seconds per training step"), (axes[1], "peak_memory_mib", "peak memory (MiB)")):
+        for impl, name in (("ours", "Perceiver encoder (256 latents)"), ("transformer", "Transformer encoder")):
+            r = [row for row in rows if row["impl"] == impl]
+            s = fits[impl]["time_slope" if key == "seconds" else "memory_slope"]
+            ax.loglog([row["length"] for row in r], [max(row[key], 1e-3) for row in r], "o-", label=f"{name}, slope {s:.2f}")
+        ax.set_xlabel("input length M")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Cost of one forward+backward step versus input length (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["peers", "scaling", "all"], default="all")
+    p.add_argument("--configs", nargs="+", choices=list(PEER_CONFIGS), default=list(PEER_CONFIGS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--scaling-repeats", type=int, default=2)
+    p.add_argument("--transformer-cap-seconds", type=float, default=20.0,
+                   help="stop growing the transformer's input once one step takes longer than this")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    RESULTS.mkdir(exist_ok=True)
+    out = {}
+    if args.part in ("peers", "all"):
+        out["peers"] = run_peers(args)
+    if args.part in ("scaling", "all"):
+        out["scaling"] = run_scaling(args)
+    name = "encoder.json" if args.part == "all" else f"encoder_{args.part}.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()

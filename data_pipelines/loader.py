@@ -1,0 +1,621 @@
+"""Loaders of image-text pairs and interleaved documents from WebDataset shards, in the Flamingo batch format.
+
+Reading goes through :mod:`data_pipelines.reader` -- random access by an index built from the tar headers at
+start-up (a small header parser, ``os.pread`` for the data) -- not through ``webdataset``'s streaming pipeline: that
+is what makes the order exactly reproducible, the rank/worker split exact, resume exact, and damaged shards precisely
+accounted for. Shards must be uncompressed ``.tar`` files on a local or mounted file system (no URLs / pipes).
+
+The stream, explicitly indexed
+------------------------------
+Each rank reads a stream of *slots* 0, 1, 2, ...; the loader's whole position is one integer, the number of slots
+consumed (``state_dict()["position"]``).
+
+1. Source choice: slot ``p`` belongs to source ``k`` drawn with the source weights by :class:`MixSchedule` from
+   (seed, rank, p); it is the ``q``-th slot of that source, ``q`` = earlier slots of the same source.
+   With one source, ``k = 0`` and ``q = p``.
+2. Epoch order of a source with N samples: a pure function of (seed, source, epoch): a permutation of all samples
+   (``shuffle="samples"``), shards in a random order each read in a random order (``"shards"``), the written
+   order (``"none"``), or, with ``resample=True``, N draws with replacement (an infinite stream of fresh draws).
+3. Rank split: in every epoch order, rank ``r`` of ``R`` takes positions ``r, r + R, r + 2R, ...`` (by global
+   sample index modulo world size), so ranks partition every epoch: no duplicates, no losses. A rank's epoch has
+   ``ceil((N - r) / R)`` samples (``even_split=True`` trims every rank to ``N // R`` for equal step counts).
+   Source position ``q`` is epoch ``q // n_r``, index ``r + (q % n_r) * R`` of that epoch order.
+4. Batches and workers: batch ``j`` (counted from where this iteration started) holds slots
+   ``[start + j*B, start + (j+1)*B)``; DataLoader worker ``w`` of ``W`` builds batches ``j = w, w + W, ...``.
+   PyTorch hands batches back round-robin over workers, so the loader yields batches 0, 1, 2, ... in order:
+   the sequence of batches is the same for any number of workers, and it is what a resumed run continues.
+
+Within a batch, a sample that cannot be read or decoded is left out (the batch is smaller; an all-bad batch is not
+yielded) and counted; its slot is consumed all the same, so skips never shift the stream.
+
+Epochs: with ``infinite=False`` one ``for batch in loader`` runs to the end of the current epoch of ``n_r`` slots
+(or ``samples_per_epoch`` slots, required when mixing sources) and the next ``for`` starts the next epoch with a new
+order. With ``infinite=True`` iteration never stops and crosses epochs seamlessly.
+
+Counts (``loader.stats``): samples and batches delivered, skipped samples by reason, dropped document images by reason,
+and damage found while indexing (truncated or unreadable shards, incomplete samples), for the training log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .mixing import MixSchedule
+from .reader import ShardIndex, ShardReader, ShardSpec
+from .samples import (
+    SampleSkip,
+    decode_document,
+    decode_pair,
+    document_is_complete,
+    pair_is_complete,
+    parse_json,
+)
+from .tokenization import (
+    FlamingoTokens,
+    Padding,
+    collate_documents,
+    document_text,
+    tokenize_documents,
+    tokenize_pairs,
+)
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["pairs", "documents"]
+ShuffleMode = Literal["samples", "shards", "none"]
+ImageTransform = Callable[[Any], torch.Tensor]  # PIL.Image -> (C, H, W)
+ORDER_STREAM = 0x6F72646572
+CAPTION_STREAM = 0x63617074
+STATE_VERSION = 1
+DEFAULT_MAX_LENGTH = {"pairs": 32, "documents": 256}  # OpenFlamingo's LAION / MMC4 settings
+
+
+@dataclass
+class SourceConfig:
+    """One data source: shards (path, directory, glob, brace pattern or list) and its mixing weight."""
+
+    shards: ShardSpec
+    weight: float = 1.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shards, (list, tuple)):
+            self.shards = [str(s) for s in self.shards]
+            if not self.shards:
+                raise ValueError("SourceConfig.shards is an empty list; expected at least one shard path or pattern")
+        elif isinstance(self.shards, (str, Path)):
+            self.shards = str(self.shards)
+            if not self.shards:
+                raise ValueError("SourceConfig.shards is an empty string; expected a shard path or pattern")
+        else:
+            raise TypeError(
+                f"SourceConfig.shards must be a str, Path or list of them, got {type(self.shards).__name__}"
+            )
+        if (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, (int, float))
+            or not (math.isfinite(self.weight) and self.weight > 0)
+        ):
+            raise ValueError(f"SourceConfig.weight must be a finite number > 0, got {self.weight!r}")
+
+
+@dataclass
+class LoaderConfig:
+    """Configuration of a :class:`ShardLoader`; validated on creation (errors name the field and the value).
+
+    sources: a shard spec (one source), or a list of SourceConfig / {"shards", "weight", "name"} dicts.
+    kind: "pairs" (``key.jpg`` + caption) or "documents" (interleaved, ``key.json`` + images).
+    batch_size: samples per batch (per rank). seed: seeds every random choice (order, mixing, caption choice).
+    shuffle / resample / infinite / samples_per_epoch / even_split: see the module docstring.
+    rank / world_size: this process's data-parallel rank. num_workers: DataLoader worker processes (0: in-process).
+    drop_last: drop the last, smaller batch of an epoch.
+    max_length: token limit (default 32 for pairs, 256 for documents, OpenFlamingo's values).
+    max_images: images per document (T_img of documents; pairs have T_img = 1). Images past the token limit are
+        dropped too; a document left with fewer than min_images images is skipped.
+    padding: "longest" (pad to the longest sequence in the batch) or "max_length".
+    caption_choice: "random" draws one of ``json["captions"]`` per (seed, epoch, sample); "first" uses ``key.txt``.
+    return_metadata: add ``batch["metadata"]``, a list of per-sample dicts (source, key, json) -- not a tensor.
+    """
+
+    sources: Any
+    kind: Kind = "pairs"
+    batch_size: int = 32
+    seed: int = 0
+    shuffle: ShuffleMode = "samples"
+    resample: bool = False
+    infinite: bool = False
+    samples_per_epoch: int | None = None
+    even_split: bool = False
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    drop_last: bool = False
+    max_length: int | None = None
+    max_images: int = 5
+    min_images: int = 1
+    padding: Padding = "longest"
+    caption_choice: Literal["random", "first"] = "random"
+    pin_memory: bool = False
+    prefetch_factor: int | None = None
+    return_metadata: bool = False
+    source_configs: list[SourceConfig] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.source_configs = _parse_sources(self.sources)
+        names = [s.name for s in self.source_configs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LoaderConfig.sources: source names must be unique, got {names}")
+        _check_choice("kind", self.kind, ("pairs", "documents"))
+        _check_choice("shuffle", self.shuffle, ("samples", "shards", "none"))
+        _check_choice("padding", self.padding, ("longest", "max_length"))
+        _check_choice("caption_choice", self.caption_choice, ("random", "first"))
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("world_size", self.world_size, 1)
+        _check_int("rank", self.rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"LoaderConfig.rank must be < world_size ({self.world_size}), got {self.rank!r}")
+        _check_int("num_workers", self.num_workers, 0)
+        _check_int("max_images", self.max_images, 1)
+        _check_int("min_images", self.min_images, 1)
+        if self.min_images > self.max_images:
+            raise ValueError(
+                f"LoaderConfig.min_images must be <= max_images ({self.max_images}), got {self.min_images!r}"
+            )
+        if self.max_length is None:
+            self.max_length = DEFAULT_MAX_LENGTH[self.kind]
+        _check_int("max_length", self.max_length, 4)
+        if self.samples_per_epoch is not None:
+            _check_int("samples_per_epoch", self.samples_per_epoch, 1)
+        if self.prefetch_factor is not None:
+            _check_int("prefetch_factor", self.prefetch_factor, 1)
+            if self.num_workers == 0:
+                raise ValueError("LoaderConfig.prefetch_factor needs num_workers > 0, got num_workers=0")
+        if len(self.source_configs) > 1 and not self.infinite and self.samples_per_epoch is None:
+            raise ValueError(
+                f"LoaderConfig: mixing {len(self.source_configs)} sources needs infinite=True or samples_per_epoch "
+                f"(the mixed stream has no natural epoch), got infinite=False, samples_per_epoch=None"
+            )
+
+
+def _parse_sources(sources: Any) -> list[SourceConfig]:
+    if isinstance(sources, (str, Path)):
+        parsed = [SourceConfig(sources)]
+    elif isinstance(sources, SourceConfig):
+        parsed = [sources]
+    elif isinstance(sources, (list, tuple)) and sources and all(isinstance(s, (str, Path)) for s in sources):
+        parsed = [SourceConfig(list(sources))]  # a list of paths/patterns is ONE source
+    elif isinstance(sources, (list, tuple)) and sources:
+        parsed = []
+        for item in sources:
+            if isinstance(item, SourceConfig):
+                parsed.append(item)
+            elif isinstance(item, dict):
+                parsed.append(SourceConfig(**item))
+            else:
+                raise TypeError(
+                    f"LoaderConfig.sources entries must be SourceConfig or dict, got {type(item).__name__}: {item!r}"
+                )
+    else:
+        raise ValueError(
+            f"LoaderConfig.sources must be a shard spec or a non-empty list of SourceConfig/dicts, got {sources!r}"
+        )
+    return [s if s.name else SourceConfig(s.shards, s.weight, f"source{i}") for i, s in enumerate(parsed)]
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"LoaderConfig.{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"LoaderConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def rank_epoch_size(num_samples: int, rank: int, world_size: int, even_split: bool) -> int:
+    """How many samples of one epoch rank ``rank`` gets."""
+    if even_split:
+        return num_samples // world_size
+    return len(range(rank, num_samples, world_size))
+
+
+def epoch_order(
+    num_samples: int,
+    shard_ranges: Sequence[tuple[int, int]],
+    seed: int,
+    source: int,
+    epoch: int,
+    shuffle: ShuffleMode,
+    resample: bool,
+) -> np.ndarray:
+    """Sample ids of one epoch of one source, in reading order; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, source, epoch, ORDER_STREAM])
+    if resample:
+        return rng.integers(0, num_samples, size=num_samples)
+    if shuffle == "samples":
+        return rng.permutation(num_samples)
+    if shuffle == "shards":
+        parts = [start + rng.permutation(stop - start) for start, stop in shard_ranges if stop > start]
+        order = rng.permutation(len(parts))
+        return np.concatenate([parts[i] for i in order]) if parts else np.zeros(0, dtype=np.int64)
+    return np.arange(num_samples)
+
+
+class _CaptionChoice:
+    """Picks one of n captions as a pure function of (seed, source, epoch, sample id)."""
+
+    def __init__(self, seed: int, source: int, epoch: int, sample_id: int) -> None:
+        self.key = [seed, source, epoch, sample_id, CAPTION_STREAM]
+
+    def __call__(self, n: int) -> int:
+        return int(np.random.default_rng(self.key).integers(n)) if n > 1 else 0
+
+
+class _Core:
+    """Everything a worker needs to build batch j: indexes, readers, tokenizer, transform, configuration."""
+
+    def __init__(self, config: LoaderConfig, tokenizer: Any, image_transform: ImageTransform) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.transform = image_transform
+        self.tokens = FlamingoTokens.from_tokenizer(tokenizer)
+        is_complete = pair_is_complete if config.kind == "pairs" else document_is_complete
+        self.names = [s.name for s in config.source_configs]
+        self.indexes = [ShardIndex.build(s.shards, is_complete) for s in config.source_configs]
+        self.readers = [ShardReader(index.paths) for index in self.indexes]
+        self.schedule = MixSchedule([s.weight for s in config.source_configs], config.seed, config.rank)
+        self.rank_sizes = []
+        for name, index in zip(self.names, self.indexes):
+            if len(index) == 0:
+                raise ValueError(
+                    f"source {name!r} has no usable {config.kind} sample in {len(index.paths)} shard(s) "
+                    f"(problems found: {dict(index.problems) or 'none'}; is kind={config.kind!r} right?)"
+                )
+            size = rank_epoch_size(len(index), config.rank, config.world_size, config.even_split)
+            if size == 0:
+                raise ValueError(
+                    f"source {name!r} has {len(index)} samples, fewer than world_size={config.world_size} ranks"
+                )
+            self.rank_sizes.append(size)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        for source in range(len(self.indexes)):
+            self._check_kind(source)
+
+    def _check_kind(self, source: int) -> None:
+        """Fail at start-up when a source's first sample is obviously not of the configured kind."""
+        if self.config.kind != "documents":
+            return  # pair samples were recognised by their members while indexing
+        ref = self.indexes[source].samples[0]
+        try:
+            meta = parse_json(self.readers[source].read(ref))
+        except (SampleSkip, OSError):
+            return  # a damaged first sample is skipped and counted later, like any other
+        if meta is not None and "text_list" not in meta:
+            raise ValueError(
+                f"source {self.names[source]!r} does not hold documents: its first sample {ref.key!r} "
+                f"({self.indexes[source].paths[ref.shard]}) has no 'text_list' in its json; is kind='documents' right?"
+            )
+
+    # -- positions -> samples -------------------------------------------------------------------------------------
+    def locate(self, source: int, position: int) -> tuple[int, int]:
+        """(sample id, epoch) of this rank's ``position``-th slot of ``source``."""
+        epoch, offset = divmod(position, self.rank_sizes[source])
+        key = (source, epoch)
+        order = self._orders.get(key)
+        if order is None:
+            index = self.indexes[source]
+            order = epoch_order(
+                len(index),
+                index.shard_ranges,
+                self.config.seed,
+                source,
+                epoch,
+                self.config.shuffle,
+                self.config.resample,
+            )
+            if len(self._orders) >= 2 * len(self.indexes):
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = order
+        return int(order[self.config.rank + offset * self.config.world_size]), epoch
+
+    # -- building one batch --------------------------------------------------------------------------------------
+    def make_batch(self, start: int, stop: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The batch of slots [start, stop) and its bookkeeping (end position, skips)."""
+        skipped: list[tuple[str, str, str, str]] = []  # (reason, source, key, detail)
+        dropped: list[str] = []
+        items: list[tuple[Any, dict]] = []
+        for source, position in self.schedule.assign(start, stop):
+            sample_id, epoch = self.locate(source, position)
+            ref = self.indexes[source].samples[sample_id]
+            meta = {
+                "source": self.names[source],
+                "key": ref.key,
+                "shard": str(self.indexes[source].paths[ref.shard]),
+                "epoch": epoch,
+                "sample_id": sample_id,
+            }
+            try:
+                raw = self.readers[source].read(ref)
+                if self.config.kind == "pairs":
+                    choose = None
+                    if self.config.caption_choice == "random":
+                        choose = _CaptionChoice(self.config.seed, source, epoch, sample_id)
+                    pair = decode_pair(raw, choose)
+                    items.append(((self._transform(pair.image), pair.caption), {**meta, "json": pair.meta}))
+                else:
+                    doc = decode_document(raw, self.config.max_images)
+                    dropped.extend(doc.dropped)
+                    images = [self._transform(image) for image in doc.images]
+                    items.append(((images, doc), {**meta, "json": doc.meta}))
+            except SampleSkip as skip:
+                skipped.append((skip.reason, self.names[source], ref.key, skip.detail))
+            except OSError as err:
+                skipped.append(("read_error", self.names[source], ref.key, str(err)))
+        if self.config.kind == "pairs":
+            batch = self._collate_pairs(items)
+        else:
+            batch = self._collate_documents(items, skipped, dropped)
+        return batch, {"end": stop, "skipped": skipped, "dropped_images": dropped}
+
+    def _transform(self, image: Any) -> torch.Tensor:
+        tensor = self.transform(image)
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            raise TypeError(
+                f"image_transform must return a (C, H, W) tensor, got "
+                f"{type(tensor).__name__} of shape {tuple(getattr(tensor, 'shape', ()))}"
+            )
+        return tensor
+
+    def _collate_pairs(self, items: list) -> dict[str, Any] | None:
+        if not items:
+            return None
+        images = torch.stack([image for (image, _), _ in items])  # (B, C, H, W)
+        text = tokenize_pairs(
+            self.tokenizer,
+            [caption for (_, caption), _ in items],
+            self.tokens,
+            self.config.max_length,
+            self.config.padding,
+        )
+        batch: dict[str, Any] = {
+            "vision_x": images[:, None, None],  # (B, T_img=1, F=1, C, H, W)
+            **text,  # input_ids, attention_mask, labels: (B, L)
+            "media_mask": torch.ones(len(items), 1, dtype=torch.bool),  # (B, T_img)
+        }
+        if self.config.return_metadata:
+            batch["metadata"] = [meta for _, meta in items]
+        return batch
+
+    def _collate_documents(self, items: list, skipped: list, dropped: list) -> dict[str, Any] | None:
+        texts = [document_text(doc.text_list, doc.image_sentences, self.tokens.eos_token) for (_, doc), _ in items]
+        ids, image_counts = tokenize_documents(self.tokenizer, texts, self.tokens, self.config.max_length)
+        kept: list[tuple[list[int], list[torch.Tensor], dict]] = []
+        for row, count, ((images, _), meta) in zip(ids, image_counts, items):
+            count = min(count, len(images))  # images whose <image> token was truncated away are dropped
+            dropped.extend(["past_max_length"] * (len(images) - count))
+            if count < self.config.min_images:
+                skipped.append(
+                    (
+                        "too_few_images_in_context",
+                        meta["source"],
+                        meta["key"],
+                        f"{count} image(s) within max_length={self.config.max_length}",
+                    )
+                )
+                continue
+            kept.append((row, images[:count], meta))
+        if not kept:
+            return None
+        first = kept[0][1][0]
+        vision_x = torch.zeros(len(kept), self.config.max_images, 1, *first.shape, dtype=first.dtype)
+        media_mask = torch.zeros(len(kept), self.config.max_images, dtype=torch.bool)
+        for row, (_, images, _) in enumerate(kept):
+            vision_x[row, : len(images), 0] = torch.stack(images)
+            media_mask[row, : len(images)] = True
+        text = collate_documents([row for row, _, _ in kept], self.tokens, self.config.max_length, self.config.padding)
+        batch: dict[str, Any] = {
+            "vision_x": vision_x,  # (B, T_img=max_images, F=1, C, H, W), zeros where media_mask is False
+            **text,  # input_ids, attention_mask, labels: (B, L)
+            "media_mask": media_mask,  # (B, T_img) True for real images
+        }
+        if self.config.return_metadata:
+            batch["metadata"] = [meta for _, _, meta in kept]
+        return batch
+
+
+class _BatchStream(IterableDataset):
+    """Batches of slots [start, end) (end None: endless); worker w of W builds batches w, w + W, ..."""
+
+    def __init__(self, core: _Core, start: int, end: int | None) -> None:
+        super().__init__()
+        self.core, self.start, self.end = core, start, end
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        size = self.core.config.batch_size
+        j = worker
+        while True:
+            first = self.start + j * size
+            if self.end is not None and first >= self.end:
+                return
+            last = first + size if self.end is None else min(first + size, self.end)
+            if self.core.config.drop_last and last - first < size:
+                return
+            yield self.core.make_batch(first, last)
+            j += workers
+
+
+class ShardLoader:
+    """Iterable of Flamingo-format batches with exact resume; see the module docstring for the stream.
+
+    Batch (a dict):
+        vision_x        float (B, T_img, F=1, C, H, W)   T_img = 1 for pairs, max_images for documents
+        input_ids       long  (B, L)
+        attention_mask  long  (B, L)
+        labels          long  (B, L), -100 where no loss (OpenFlamingo masking, see tokenization.py)
+        media_mask      bool  (B, T_img), True for real images
+        metadata        list of dicts (only with return_metadata=True)
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore the position (and the counters); ``stats`` holds the
+    counters for the training log.
+    """
+
+    def __init__(self, config: LoaderConfig, tokenizer: Any, image_transform: ImageTransform) -> None:
+        if not callable(image_transform):
+            raise TypeError(f"image_transform must be a callable PIL.Image -> tensor, got {image_transform!r}")
+        self.config = config
+        self._core = _Core(config, tokenizer, image_transform)
+        self._position = 0
+        self._counts: Counter[str] = Counter()
+        self._logged: Counter[str] = Counter()
+        for index in self._core.indexes:
+            for reason, count in index.problems.items():
+                self._counts[f"index/{reason}"] += count
+        if config.num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    # -- sizes and positions -------------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> dict[str, int]:
+        """Usable samples per source (all ranks together)."""
+        return {name: len(index) for name, index in zip(self._core.names, self._core.indexes)}
+
+    @property
+    def epoch_length(self) -> int | None:
+        """Slots per epoch for this rank (None for an infinite mix of sources without samples_per_epoch)."""
+        if self.config.samples_per_epoch is not None:
+            return self.config.samples_per_epoch
+        return self._core.rank_sizes[0] if len(self._core.rank_sizes) == 1 else None
+
+    @property
+    def position(self) -> int:
+        """Slots consumed so far by this rank (all epochs)."""
+        return self._position
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch the next batch belongs to (0-based); None when epoch_length is None."""
+        length = self.epoch_length
+        return None if length is None else self._position // length
+
+    def __len__(self) -> int:
+        """Batches in one full epoch (for this rank)."""
+        length = self.epoch_length
+        if self.config.infinite or length is None:
+            raise TypeError("an infinite ShardLoader has no length")
+        full, rest = divmod(length, self.config.batch_size)
+        return full + (1 if rest and not self.config.drop_last else 0)
+
+    # -- iteration -----------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start = self._position
+        length = self.epoch_length
+        end = None if self.config.infinite or length is None else (start // length + 1) * length
+        stream = _BatchStream(self._core, start, end)
+        if self.config.num_workers == 0:
+            iterator: Any = iter(stream)
+        else:
+            iterator = iter(
+                DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.config.num_workers,
+                    pin_memory=self.config.pin_memory,
+                    prefetch_factor=self.config.prefetch_factor,
+                )
+            )
+        for batch, bookkeeping in iterator:
+            self._position = bookkeeping["end"]
+            self._record(bookkeeping)
+            if batch is not None:
+                self._counts["batches"] += 1
+                self._counts["samples"] += int(batch["input_ids"].shape[0])
+                yield batch
+        if end is not None:
+            self._position = end  # also past a dropped last batch
+
+    def _record(self, bookkeeping: dict[str, Any]) -> None:
+        for reason, source, key, detail in bookkeeping["skipped"]:
+            self._counts["skipped"] += 1
+            self._counts[f"skipped/{reason}"] += 1
+            self._logged[reason] += 1
+            if self._logged[reason] <= 5:
+                logger.warning("skipped sample %s of source %r (%s) %s", key, source, reason, detail)
+                if self._logged[reason] == 5:
+                    logger.warning("further samples skipped for %r are counted in loader.stats, not logged", reason)
+        for reason in bookkeeping["dropped_images"]:
+            self._counts[f"dropped_images/{reason}"] += 1
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters for the training log: samples, batches, skipped (+ skipped/<reason>),
+        dropped_images/<reason>, index/<problem> (truncated_shard, unreadable_shard, incomplete_sample)."""
+        out = {"samples": 0, "batches": 0, "skipped": 0}
+        out.update(sorted(self._counts.items()))
+        return out
+
+    # -- resume --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Position (slots consumed by this rank) plus what it is only valid with. Equal on all ranks that consumed
+        the same number of batches, so saving rank 0's state is enough."""
+        return {
+            "version": STATE_VERSION,
+            "position": self._position,
+            "epoch": self.epoch,
+            "seed": self.config.seed,
+            "world_size": self.config.world_size,
+            "kind": self.config.kind,
+            "sources": [
+                {"name": name, "num_samples": len(index), "weight": source.weight}
+                for name, index, source in zip(self._core.names, self._core.indexes, self.config.source_configs)
+            ],
+            "counters": dict(self._counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; raises ValueError if the state belongs to a different data setup."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version must be {STATE_VERSION}, got {state.get('version')!r}")
+        current = self.state_dict()
+        for name in ("seed", "world_size", "kind", "sources"):
+            if state.get(name) != current[name]:
+                raise ValueError(
+                    f"loader state does not match this loader: {name} is {state.get(name)!r} in the state but "
+                    f"{current[name]!r} here (resume needs the same data, seed and world size)"
+                )
+        position = state.get("position")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"loader state position must be an int >= 0, got {position!r}")
+        self._position = position
+        self._counts = Counter(state.get("counters", {}))
+
+
+def pairs_loader(
+    shards: Any, tokenizer: Any, image_transform: ImageTransform, batch_size: int = 32, **options: Any
+) -> ShardLoader:
+    """A ShardLoader of image-text pairs; ``options`` are further LoaderConfig fields."""
+    return ShardLoader(
+        LoaderConfig(sources=shards, kind="pairs", batch_size=batch_size, **options), tokenizer, image_transform
+    )
+
+
+def documents_loader(
+    shards: Any, tokenizer: Any, image_transform: ImageTransform, batch_size: int = 8, **options: Any
+) -> ShardLoader:
+    """A ShardLoader of interleaved documents; ``options`` are further LoaderConfig fields."""
+    return ShardLoader(
+        LoaderConfig(sources=shards, kind="documents", batch_size=batch_size, **options), tokenizer, image_transform
+    )

@@ -35,6 +35,7 @@ from .position import (
     build_linear_positions,
     fourier_features,
 )
+from .resampler import PerceiverResampler
 
 __all__ = [
     "ArrayInputAdapter",
@@ -54,6 +55,7 @@ __all__ = [
     "PerceiverDecoder",
     "PerceiverEncoder",
     "PerceiverIO",
+    "PerceiverResampler",
     "PositionQueryProvider",
     "QueryProvider",
     "SelfAttentionLayer",

@@ -1,0 +1,320 @@
+"""Flamingo-style vision-language model: frozen CLIP tower -> Perceiver Resampler -> gated
+cross-attention inside a frozen Hugging Face causal LM.
+
+``vision_x`` is (B, T_img, F, C, H, W): ``T_img`` images per example (in the order of their
+``<image>`` tokens), ``F`` frames each. ``lang_x`` holds the token ids with one ``<image>`` token per
+image. Each text token attends to the latents of the most recent preceding image (or of all
+previous images with ``only_attend_immediate_media=False``); tokens before the first image get no
+visual input. ``media_mask`` (B, T_img) marks images that are present (False = padding slot).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from perceiver.resampler import PerceiverResampler
+
+from .config import FlamingoConfig
+from .cross_attention import GatedCrossAttentionBlock
+from .embeddings import DecoupledEmbedding, DecoupledLMHead
+from .lm_wrapping import FlamingoLayer, find_decoder_layers, replace_submodule
+from .media_context import MediaConditioning
+from .vision import ClipVisionEncoder
+
+CONFIG_NAME = "flamingo_config.json"
+WEIGHTS_NAME = "flamingo_weights.safetensors"
+
+
+class Flamingo(nn.Module):
+    """The model. Build it with :func:`vlm.create_model_and_transforms` (or :meth:`from_pretrained`).
+
+    Trainable: the resampler, the gated cross-attention blocks and the rows of the added tokens.
+    Frozen: the vision tower and every original weight of the language model.
+    """
+
+    def __init__(
+        self,
+        vision_encoder: ClipVisionEncoder,
+        lang_encoder: nn.Module,
+        config: FlamingoConfig,
+        media_token_id: int,
+        eoc_token_id: int,
+        pad_token_id: int,
+        num_base_tokens: int,
+        num_new_tokens: int,
+    ):
+        super().__init__()
+        self.config = config
+        self.media_token_id = media_token_id
+        self.eoc_token_id = eoc_token_id
+        self.pad_token_id = pad_token_id
+        self.num_base_tokens = num_base_tokens
+        self.num_new_tokens = num_new_tokens
+        self.tokenizer: Any = None  # set by the factory
+        self.image_processor: Optional[Callable] = None  # set by the factory
+        # Names of frozen base parameters whose values were replaced (e.g. by an OpenFlamingo
+        # checkpoint); save_pretrained stores them since the named base no longer reproduces them.
+        self.overridden_base_parameters: set[str] = set()
+
+        self.vision_encoder = vision_encoder
+        self.perceiver = PerceiverResampler(
+            vision_encoder.num_channels,
+            depth=config.resampler_depth,
+            num_latents=config.resampler_num_latents,
+            num_heads=config.resampler_num_heads,
+            head_channels=config.resampler_head_channels,
+            widening_factor=config.resampler_widening_factor,
+            max_num_media=config.max_num_media,
+            max_num_frames=config.max_num_frames,
+        )
+
+        lang_encoder.requires_grad_(False)
+        base_ids = {id(p) for p in lang_encoder.parameters()} | {id(p) for p in vision_encoder.parameters()}
+        self.lang_encoder = lang_encoder
+        self.conditioning = MediaConditioning(media_token_id, config.only_attend_immediate_media)
+
+        base_embedding = lang_encoder.get_input_embeddings()
+        lang_channels = base_embedding.weight.shape[1]
+        self.decoder_layers_path, layers = find_decoder_layers(lang_encoder, config.decoder_layers_attr_name)
+        for i in range(len(layers)):
+            block = None
+            if (i + 1) % config.cross_attn_every_n_layers == 0:
+                block = GatedCrossAttentionBlock(
+                    lang_channels,
+                    vision_encoder.num_channels,
+                    num_heads=config.cross_attn_num_heads,
+                    head_channels=config.cross_attn_head_channels,
+                    widening_factor=config.cross_attn_widening_factor,
+                )
+            layers[i] = FlamingoLayer(layers[i], block, self.conditioning, i)
+        if not any(layer.gated_cross_attn_layer is not None for layer in layers):
+            raise ValueError(
+                f"cross_attn_every_n_layers={config.cross_attn_every_n_layers} exceeds the LM's "
+                f"{len(layers)} decoder layers: no cross-attention would be inserted"
+            )
+
+        base_head = lang_encoder.get_output_embeddings()
+        if not isinstance(base_head, nn.Linear):
+            raise ValueError(f"expected the LM's output embeddings to be nn.Linear, got {type(base_head).__name__}")
+        embedding = DecoupledEmbedding(base_embedding, num_base_tokens, num_new_tokens)
+        tied = base_head.weight is base_embedding.weight
+        head = DecoupledLMHead(base_head, num_base_tokens, num_new_tokens, tied_embedding=embedding if tied else None)
+        replace_submodule(lang_encoder, base_embedding, embedding)
+        replace_submodule(lang_encoder, base_head, head)
+        self.lang_embedding, self.lang_head = embedding, head  # plain references (see __setattr__ note)
+        if config.freeze_lm_embeddings:
+            embedding.extra.requires_grad_(False)
+            head.extra.requires_grad_(False)
+            if head.extra_bias is not None:
+                head.extra_bias.requires_grad_(False)
+        self._lm_takes_position_ids = "position_ids" in inspect.signature(lang_encoder.forward).parameters
+        self._base_parameter_names = frozenset(n for n, p in self.named_parameters() if id(p) in base_ids)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # lang_embedding / lang_head are shortcuts to modules registered inside lang_encoder; keep them
+        # out of _modules so the state dict has one name per tensor.
+        if name in ("lang_embedding", "lang_head"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ parameters
+
+    def added_parameter_names(self) -> list[str]:
+        """Names of the parameters Flamingo adds to the frozen bases (saved by :meth:`save_pretrained`)."""
+        return [name for name, _ in self.named_parameters() if name not in self._base_parameter_names]
+
+    @property
+    def gated_cross_attn_layers(self) -> list[GatedCrossAttentionBlock]:
+        layers = self.lang_encoder.get_submodule(self.decoder_layers_path)
+        return [layer.gated_cross_attn_layer for layer in layers if layer.gated_cross_attn_layer is not None]
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_inputs(
+        self,
+        vision_x: Optional[Tensor],
+        lang_x: Tensor,
+        media_mask: Optional[Tensor],
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+    ) -> None:
+        if lang_x.dim() != 2:
+            raise ValueError(f"lang_x must be (B, T_txt) token ids, got shape {tuple(lang_x.shape)}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and t.shape != lang_x.shape:
+                raise ValueError(f"{name} shape {tuple(t.shape)} != lang_x shape {tuple(lang_x.shape)}")
+        num_media_tokens = int((lang_x == self.media_token_id).sum(dim=1).max()) if lang_x.numel() else 0
+        if vision_x is None:
+            if media_mask is not None:
+                raise ValueError("media_mask given without vision_x")
+            if num_media_tokens:
+                raise ValueError(f"lang_x has {num_media_tokens} <image> tokens in a row but vision_x is None")
+            return
+        if vision_x.dim() != 6:
+            raise ValueError(f"vision_x must be (B, T_img, F, C, H, W), got shape {tuple(vision_x.shape)}")
+        if vision_x.shape[0] != lang_x.shape[0]:
+            raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}")
+        if num_media_tokens > vision_x.shape[1]:
+            raise ValueError(
+                f"a row of lang_x has {num_media_tokens} <image> tokens but vision_x holds only "
+                f"T_img={vision_x.shape[1]} images per example"
+            )
+        if media_mask is not None and (media_mask.dtype != torch.bool or media_mask.shape != vision_x.shape[:2]):
+            raise ValueError(
+                f"media_mask must be bool of shape (B, T_img)={tuple(vision_x.shape[:2])}, "
+                f"got {media_mask.dtype} {tuple(media_mask.shape)}"
+            )
+
+    def encode_media(
+        self, vision_x: Optional[Tensor], media_mask: Optional[Tensor] = None, batch_size: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """vision_x (B, T_img, F, C, H, W) -> resampled latents (B, T_img, n, D) and the media mask (B, T_img).
+
+        ``vision_x=None`` (text only) gives empty media for ``batch_size`` examples.
+        """
+        latents = self.perceiver.latents
+        if vision_x is None:
+            b, t = batch_size, 0
+            media_mask = torch.zeros(b, 0, dtype=torch.bool, device=latents.device)
+        else:
+            b, t, f = vision_x.shape[:3]
+            if media_mask is None:
+                media_mask = torch.ones(b, t, dtype=torch.bool, device=vision_x.device)
+        if t == 0:
+            return latents.new_zeros(b, 0, *latents.shape), media_mask
+        tokens = self.vision_encoder(vision_x.flatten(0, 2))  # (B*T_img*F, v, D)
+        tokens = tokens.reshape(b, t, f, *tokens.shape[1:])  # (B, T_img, F, v, D)
+        return self.perceiver(tokens, media_mask), media_mask  # (B, T_img, n, D)
+
+    def forward(
+        self,
+        vision_x: Optional[Tensor],
+        lang_x: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        media_mask: Optional[Tensor] = None,
+        use_cache: bool = False,
+        **lm_kwargs,
+    ):
+        """Logits (B, T_txt, V) for ``lang_x`` conditioned on ``vision_x`` (None = no images).
+
+        ``labels`` (B, T_txt), -100 = ignored, gives the next-token cross-entropy ``loss`` (labels
+        are shifted inside, as in Hugging Face). Returns the language model's output object.
+        """
+        self._check_inputs(vision_x, lang_x, media_mask, attention_mask, labels)
+        latents, media_mask = self.encode_media(vision_x, media_mask, batch_size=lang_x.shape[0])
+        if attention_mask is not None and self._lm_takes_position_ids and "position_ids" not in lm_kwargs:
+            # Positions count only real tokens, so left padding does not shift them (the convention
+            # of Hugging Face generation, which makes full and cached decoding agree).
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            lm_kwargs["position_ids"] = position_ids.masked_fill(attention_mask == 0, 1)
+        with self.conditioning.activate(self.lang_encoder, latents, media_mask):
+            out = self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, use_cache=use_cache, **lm_kwargs)
+        if labels is not None:
+            logits = out.logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+            fields = dict(out.items())
+            fields["loss"] = loss
+            out = type(out)(**fields)
+        return out
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        vision_x: Optional[Tensor],
+        lang_x: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        media_mask: Optional[Tensor] = None,
+        **generate_kwargs,
+    ) -> Tensor:
+        """Hugging Face ``generate`` (greedy, sampling, beam search, ...) conditioned on the images.
+
+        The images are encoded and resampled once; each cross-attention layer projects their keys
+        and values once (on the prompt) and reuses them at every step, next to the LM's own KV cache.
+        ``eos_token_id`` defaults to ``<|endofchunk|>``. ``<image>`` is never generated (there would
+        be no image for it). Returns the prompt followed by the new tokens, (B * num_return_sequences, L).
+        """
+        self._check_inputs(vision_x, lang_x, media_mask, attention_mask)
+        latents, media_mask = self.encode_media(vision_x, media_mask, batch_size=lang_x.shape[0])
+        if attention_mask is None:
+            attention_mask = torch.ones_like(lang_x)
+        generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
+        generate_kwargs.setdefault("pad_token_id", self.pad_token_id)
+        suppress = list(generate_kwargs.pop("suppress_tokens", None) or [])
+        generate_kwargs["suppress_tokens"] = sorted(set(suppress) | {self.media_token_id})
+        with self.conditioning.activate(self.lang_encoder, latents, media_mask):
+            return self.lang_encoder.generate(input_ids=lang_x, attention_mask=attention_mask, **generate_kwargs)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """Write ``flamingo_config.json`` (base encoder/LM names + sizes + token ids) and the added
+        weights as ``flamingo_weights.safetensors``. Base weights are not copied: they are reloaded from
+        the named bases, except a randomly initialised vision tower (``pretrained=None``) and base
+        parameters replaced after loading (:attr:`overridden_base_parameters`), which are saved too."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        params = dict(self.named_parameters())
+        names = set(self.added_parameter_names()) | set(self.overridden_base_parameters)
+        if self.config.clip_vision_encoder_pretrained is None:
+            names |= {f"vision_encoder.{n}" for n, _ in self.vision_encoder.named_parameters()}
+        tensors = {n: params[n].detach().contiguous().cpu() for n in sorted(names)}
+        save_file(tensors, str(directory / WEIGHTS_NAME))
+        meta = {
+            "config": self.config.to_dict(),
+            "media_token_id": self.media_token_id,
+            "eoc_token_id": self.eoc_token_id,
+            "pad_token_id": self.pad_token_id,
+            "num_base_tokens": self.num_base_tokens,
+            "num_new_tokens": self.num_new_tokens,
+        }
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], **config_overrides) -> Flamingo:
+        """Rebuild the bases named in the config and load the saved weights (all must match exactly)."""
+        from safetensors.torch import load_file
+
+        from .factory import create_model_and_transforms
+
+        directory = Path(directory)
+        meta_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (meta_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found; expected a directory written by Flamingo.save_pretrained")
+        meta = json.loads(meta_path.read_text())
+        cfg = FlamingoConfig.from_dict({**meta["config"], **config_overrides})
+        model, _, _ = create_model_and_transforms(**cfg.to_dict())
+        for key in ("media_token_id", "eoc_token_id", "pad_token_id", "num_base_tokens", "num_new_tokens"):
+            if getattr(model, key) != meta[key]:
+                raise ValueError(
+                    f"rebuilt tokenizer gives {key}={getattr(model, key)} but the saved model has {meta[key]}"
+                )
+        tensors = load_file(str(weights_path))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        missing = sorted(set(model.added_parameter_names()) - set(tensors))
+        if unknown or missing:
+            raise ValueError(f"weights in {weights_path} do not fit the model: unknown {unknown}, missing {missing}")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if params[name].shape != value.shape:
+                    raise ValueError(
+                        f"{name}: saved shape {tuple(value.shape)} != model shape {tuple(params[name].shape)}"
+                    )
+                params[name].copy_(value)
+        model.overridden_base_parameters = set(tensors) - set(model.added_parameter_names())
+        return model

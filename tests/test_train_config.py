@@ -1,0 +1,242 @@
+"""Training configuration: presets, validation errors, overrides, DeepSpeed JSON, optimizer groups, schedule,
+and the checks that fail before any work (bad key, missing shards, CUDA on a CPU machine)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import PROJECT_ROOT, ConfigError, TrainConfig, load_config
+from training.engine import build_deepspeed_config, load_deepspeed_json, zero_stage
+from training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups
+
+CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+DS_CONFIGS = sorted((PROJECT_ROOT / "configs" / "deepspeed").glob("*.json"))
+
+
+def test_presets_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny.yaml", "openflamingo-3b.yaml", "openflamingo-4b.yaml", "openflamingo-9b.yaml"} <= names
+    assert {p.name for p in DS_CONFIGS} == {f"zero{i}.json" for i in range(4)}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_validates(path):
+    config = load_config(path)
+    assert isinstance(config, TrainConfig)
+    ds = load_deepspeed_json(config.run.deepspeed_path())  # the named ZeRO file exists and is valid
+    full = build_deepspeed_config(config, ds)
+    assert full["gradient_accumulation_steps"] == config.optim.grad_accum_steps
+    assert full["bf16"]["enabled"] == (config.run.precision == "bf16")
+
+
+def test_tiny_preset_is_the_embedded_default():
+    assert load_config(PROJECT_ROOT / "configs" / "tiny.yaml") == TrainConfig()
+    default = TrainConfig()
+    assert default.model.tiny is not None and not default.model.freeze_vision and not default.model.freeze_lm
+
+
+@pytest.mark.parametrize(
+    "name, lm, every, stage",
+    [
+        ("3b", "anas-awadalla/mpt-1b-redpajama-200b", 1, 2),
+        ("4b", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, 2),
+        ("9b", "anas-awadalla/mpt-7b", 4, 3),
+    ],
+)
+def test_openflamingo_presets(name, lm, every, stage):
+    c = load_config(PROJECT_ROOT / "configs" / f"openflamingo-{name}.yaml")
+    assert (c.model.clip_vision_encoder_path, c.model.clip_vision_encoder_pretrained) == ("ViT-L-14", "openai")
+    assert c.model.lang_encoder_path == c.model.tokenizer_path == lm
+    assert c.model.cross_attn_every_n_layers == every
+    assert c.model.tiny is None and c.model.freeze_vision and c.model.freeze_lm
+    assert (c.model.resampler_depth, c.model.resampler_num_latents, c.model.cross_attn_num_heads) == (6, 64, 8)
+    assert c.optim.lr == 1e-4 and c.optim.weight_decay == 0.1 and c.optim.schedule == "constant"
+    assert zero_stage(load_deepspeed_json(c.run.deepspeed_path())) == stage
+
+
+def test_ds_stage_files():
+    for i in range(4):
+        assert zero_stage(load_deepspeed_json(PROJECT_ROOT / "configs" / "deepspeed" / f"zero{i}.json")) == i
+
+
+def test_overrides_are_typed_yaml():
+    c = load_config(None, ["optim.lr=3e-4", "run.max_steps=7", "model.tiny.lm_layers=3", "data.documents=null"])
+    assert c.optim.lr == pytest.approx(3e-4) and isinstance(c.optim.lr, float)
+    assert c.run.max_steps == 7 and c.model.tiny.lm_layers == 3 and c.data.documents is None
+    # a partial section keeps the other defaults of that section
+    assert c.model.tiny.lm_hidden_size == TrainConfig().model.tiny.lm_hidden_size
+    c = load_config(None, ["data.pairs.sources=[{shards: 'a/{000..009}.tar', weight: 2}, b.tar]"])
+    assert [s.weight for s in c.data.pairs.sources] == [2.0, 1.0]
+    assert c.data.pairs.sources[1].shards == "b.tar"
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["optim.lrr=1"], "optim.lrr"),
+        (["optimizer.lr=1"], "optimizer"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["run.max_steps=2.5"], "run.max_steps"),
+        (["run.device=tpu"], "run.device"),
+        (["logging.progress_bar=maybe"], "logging.progress_bar"),
+        (["data.pairs.sources=[{shards: a.tar, wieght: 2}]"], "wieght"),
+        (["run.max_steps=0"], "max_steps"),
+        (["optim.lr=-1"], "lr"),
+        (["model.tiny=null"], "clip_vision_encoder_path"),
+        (["model.lang_encoder_path=gpt2"], "lang_encoder_path"),
+        (["data.pairs=null", "data.documents=null"], "at least one"),
+        (["data.synthetic=null"], "data.synthetic"),
+        (["data.pairs.sources=synthetic:nope"], "synthetic"),
+        (["checkpoint.stop_at_step=500"], "stop_at_step"),
+        (["optim.lr"], "key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+
+
+def test_bad_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  betas: [0.9, 0.95]\n")
+    with pytest.raises(ConfigError, match="optim.betas"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_direct_construction_is_checked():
+    from training.config import OptimConfig
+
+    with pytest.raises(ConfigError, match="OptimConfig.lr"):
+        OptimConfig(lr="fast")
+    assert OptimConfig(lr=1).lr == 1.0 and isinstance(OptimConfig(lr=1).lr, float)
+
+
+def test_deepspeed_json_may_not_set_owned_keys(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 5.0}))
+    with pytest.raises(ConfigError, match="gradient_clipping.*optim.grad_clip"):
+        load_deepspeed_json(path)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    with pytest.raises(ConfigError, match="stage"):
+        load_deepspeed_json(path)
+
+
+def _cli(tmp_path, *args: str):
+    from training.train import main
+
+    return main([f"run.output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}", *args])
+
+
+def test_cli_errors_before_any_work(tmp_path, capsys):
+    """A bad key, a missing shard and CUDA on a CPU machine stop the job with exit code 2 and a message naming
+    the problem, before any directory, cache, model or data is made."""
+    assert _cli(tmp_path, "optim.lrr=1") == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "shard-{000000..000003}.tar"
+    assert _cli(tmp_path, f"data.pairs.sources=[{{shards: '{missing}'}}]") == 2
+    err = capsys.readouterr().err
+    assert "data.pairs.sources[0].shards" in err and "matched no file" in err
+    assert _cli(tmp_path, "run.deepspeed=configs/deepspeed/zero9.json") == 2
+    assert "zero9.json" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert _cli(tmp_path, "run.device=cuda") == 2
+        assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cli_rejects_stray_arguments(tmp_path, capsys):
+    assert _cli(tmp_path, "--lr", "3") == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_lr_schedule():
+    from training.config import OptimConfig
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    f = lr_multiplier(cfg, total_steps=14)
+    assert [round(f(s), 6) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]  # linear warmup
+    assert f(4) == pytest.approx(1.0) and f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_multiplier(OptimConfig(warmup_steps=0, schedule="constant"), 10)(7) == 1.0
+    assert lr_multiplier(OptimConfig(warmup_steps=0, schedule="linear"), 10)(5) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-cache")
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-backbones", "trainable-backbones"])
+def test_optimizer_gets_only_trainable_params_and_decay_only_on_cross_attention(tiny_cache, frozen):
+    from training.config import ModelConfig
+    from training.modeling import build_model, resolve_bases
+
+    cfg = ModelConfig(freeze_vision=frozen, freeze_lm=frozen, gate_init=None)
+    bases, _ = resolve_bases(cfg, tiny_cache)
+    model, _, _ = build_model(cfg, bases, seed=0)
+    groups = parameter_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | undecayed == trainable and not decayed & undecayed
+    if frozen:  # as OpenFlamingo: resampler, cross-attention, new token rows
+        assert trainable == set(model.added_parameter_names())
+    else:
+        assert trainable == {n for n, _ in model.named_parameters()}
+    assert decayed and all("gated_cross_attn" in n for n in decayed)
+    assert not any("gated_cross_attn" in n for n in undecayed)
+    assert any(n.startswith("perceiver.") for n in undecayed)  # the resampler trains, without decay
+    assert all(float(b.attn_gate.detach()) == 0.0 for b in model.gated_cross_attn_layers)  # gate_init=None: 0
+    opt = build_optimizer(model, TrainConfig().optim)
+    sched = build_scheduler(opt, TrainConfig().optim, total_steps=100)
+    assert opt.param_groups[0]["lr"] == pytest.approx(TrainConfig().optim.lr / (TrainConfig().optim.warmup_steps + 1))
+    assert sched.get_last_lr()[0] == opt.param_groups[0]["lr"]
+
+
+def test_skipped_optimizer_step_changes_nothing():
+    from training.config import OptimConfig
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(torch.nn.ModuleDict({"gated_cross_attn": torch.nn.Linear(3, 3)}), OptimConfig())
+    opt.add_param_group({"params": [p], "weight_decay": 0.1})
+    p.grad = torch.full((3,), float("nan"))
+    opt.skip_next_step = True
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state[p]
+    opt.skip_next_step = False
+    p.grad = torch.ones(3)
+    opt.step()
+    assert (p.detach() < 1).all() and int(opt.state[p]["step"]) == 1
+
+
+def test_tiny_bases_are_deterministic_and_loadable(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.config import TinyBasesConfig
+    from training.tiny_bases import ensure_tiny_bases
+
+    cfg = TinyBasesConfig(vision_layers=1, lm_layers=1, lm_hidden_size=32, lm_heads=2, lm_intermediate_size=32)
+    a = ensure_tiny_bases(cfg, tmp_path / "a")
+    b = ensure_tiny_bases(cfg, tmp_path / "b")
+    tok = AutoTokenizer.from_pretrained(a.tokenizer_path)
+    caption = "two blue squares on the right and a red circle at the top."
+    assert tok.decode(tok(caption)["input_ids"]) == caption
+    assert len(tok(caption)["input_ids"]) <= 20  # words of the captions are (mostly) single tokens
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(b.tokenizer_path).get_vocab()
+    lm_a = AutoModelForCausalLM.from_pretrained(a.lang_encoder_path)
+    lm_b = AutoModelForCausalLM.from_pretrained(b.lang_encoder_path)
+    for (n, pa), (_, pb) in zip(lm_a.named_parameters(), lm_b.named_parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
+    assert json.loads((Path(a.clip_config_dir) / f"{a.clip_name}.json").read_text())["vision_cfg"]["layers"] == 1

@@ -1,0 +1,155 @@
+"""Training and held-out loaders from the config's sources (``data_pipelines`` loaders, exactly resumable).
+
+Each training stream (``pairs``, ``documents``) is one infinite :class:`data_pipelines.ShardLoader` mixing its
+weighted sources; each optimizer micro-step takes one batch from every stream (OpenFlamingo's LAION + MMC4 steps).
+A source ``synthetic:<split>`` reads the generated dataset in ``data.cache_dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError, DataConfig, SourceSpec, TrainConfig
+
+STREAMS = ("pairs", "documents")
+
+
+def synthetic_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) / "synthetic"
+
+
+def ensure_synthetic(cfg: DataConfig, show_progress: bool = True):
+    """Generate the synthetic dataset if a source uses it (once; reused afterwards). None if unused."""
+    if cfg.synthetic is None or not cfg.uses_synthetic():
+        return None
+    from data_pipelines import SyntheticConfig, ensure_synthetic_dataset
+
+    s = cfg.synthetic
+    config = SyntheticConfig(
+        num_pairs=s.num_pairs,
+        num_docs=s.num_docs,
+        num_val_pairs=s.num_val_pairs,
+        seed=s.seed,
+        image_size=s.image_size,
+        max_count=s.max_count,
+        max_doc_images=s.max_doc_images,
+    )
+    return ensure_synthetic_dataset(synthetic_dir(cfg), config, show_progress=show_progress)
+
+
+def resolve_shards(spec: SourceSpec, synthetic) -> Any:
+    split = spec.synthetic_split
+    if split is None:
+        return spec.shards
+    pattern = {"pairs": synthetic.pairs, "documents": synthetic.documents, "val_pairs": synthetic.val_pairs}[split]
+    if pattern is None:
+        raise ConfigError(f"the synthetic dataset has no {split!r} split (its size is 0 in data.synthetic)")
+    return pattern
+
+
+def check_shards_exist(config: TrainConfig) -> None:
+    """Every non-synthetic shard spec matches files (a clear error naming the config key, before any work)."""
+    from data_pipelines import expand_shards
+
+    keys = []
+    for stream_name in STREAMS:
+        stream = getattr(config.data, stream_name)
+        if stream is not None:
+            keys += [(f"data.{stream_name}.sources[{i}].shards", s) for i, s in enumerate(stream.sources)]
+    if config.data.val is not None:
+        keys.append(("data.val.shards", SourceSpec(config.data.val.shards)))
+    for key, spec in keys:
+        if spec.synthetic_split is not None:
+            continue
+        try:
+            expand_shards(spec.shards)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
+def build_train_loaders(
+    config: TrainConfig, tokenizer: Any, image_processor: Callable, synthetic, rank: int, world_size: int
+) -> dict[str, Any]:
+    """name -> infinite ShardLoader for this rank, one per configured stream."""
+    from data_pipelines import LoaderConfig, ShardLoader
+
+    loaders = {}
+    for name in STREAMS:
+        stream = getattr(config.data, name)
+        if stream is None:
+            continue
+        sources = [
+            {"shards": resolve_shards(s, synthetic), "weight": s.weight, "name": s.name or f"{name}{i}"}
+            for i, s in enumerate(stream.sources)
+        ]
+        options: dict[str, Any] = {}
+        if name == "documents":
+            options.update(max_images=stream.max_images, min_images=stream.min_images)
+        loader_config = LoaderConfig(
+            sources=sources,
+            kind=name,
+            batch_size=stream.batch_size,
+            seed=config.run.seed,
+            shuffle=stream.shuffle,
+            resample=stream.resample,
+            infinite=True,
+            rank=rank,
+            world_size=world_size,
+            num_workers=config.data.num_workers,
+            max_length=stream.max_length,
+            **options,
+        )
+        loaders[name] = ShardLoader(loader_config, tokenizer, image_processor)
+    return loaders
+
+
+def build_val_loader(
+    config: TrainConfig,
+    tokenizer: Any,
+    image_processor: Callable,
+    synthetic,
+    rank: int,
+    world_size: int,
+    batch_size: Optional[int] = None,
+):
+    """Held-out pairs in written order (captions in ``batch["metadata"]``); None when ``data.val`` is null."""
+    if config.data.val is None:
+        return None
+    from data_pipelines import pairs_loader
+
+    return pairs_loader(
+        resolve_shards(SourceSpec(config.data.val.shards), synthetic),
+        tokenizer,
+        image_processor,
+        batch_size=batch_size or config.data.val.batch_size,
+        seed=config.run.seed,
+        shuffle="none",
+        infinite=True,
+        rank=rank,
+        world_size=world_size,
+        max_length=config.data.val.max_length,
+        caption_choice="first",
+        return_metadata=True,
+    )
+
+
+class Batches:
+    """Endless batches from one resumable loader; the iterator is (re)created lazily after a state load."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._it: Optional[Iterator[dict]] = None
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.loader)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None

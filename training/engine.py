@@ -1,0 +1,88 @@
+"""DeepSpeed configuration and engine creation.
+
+The ZeRO JSON files (``configs/deepspeed/zero{0,1,2,3}.json``) hold only DeepSpeed's own settings (ZeRO stage,
+buckets, communication); the values the training config owns -- batch sizes, gradient accumulation, clipping,
+precision, optimizer and schedule -- are filled in here, and setting them in the JSON is an error (one source of
+truth). The optimizer is a torch AdamW built by :mod:`training.optim` and handed to DeepSpeed, so no DeepSpeed op
+has to be compiled on CPU. The learning-rate schedule is stepped by the trainer (not by DeepSpeed), only on steps
+that were applied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+
+OWNED_KEYS = {
+    "train_batch_size": "data.*.batch_size",
+    "train_micro_batch_size_per_gpu": "data.*.batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim",
+    "scheduler": "optim.schedule",
+    "bf16": "run.precision",
+    "bfloat16": "run.precision",
+    "fp16": "run.precision",
+    "amp": "run.precision",
+}
+
+
+def load_deepspeed_json(path: Path) -> dict[str, Any]:
+    """Read and check a DeepSpeed JSON (errors name the file and the key)."""
+    if not path.is_file():
+        raise ConfigError(f"run.deepspeed: DeepSpeed config {str(path)!r} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"run.deepspeed: {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"run.deepspeed: {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    for key, owner in OWNED_KEYS.items():
+        if key in data:
+            raise ConfigError(
+                f"run.deepspeed: {str(path)!r} sets {key!r}, which the training config owns ({owner}); remove it"
+            )
+    zero = data.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"run.deepspeed: {str(path)!r}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return data
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_deepspeed_config(config: TrainConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """The full DeepSpeed config: the JSON's settings plus what the training config owns."""
+    streams = [s for s in (config.data.pairs, config.data.documents) if s is not None]
+    out = dict(base)
+    out.update(
+        {
+            # DeepSpeed only uses the micro-batch size for bookkeeping here: batches come from our loaders.
+            "train_micro_batch_size_per_gpu": streams[0].batch_size,
+            "gradient_accumulation_steps": config.optim.grad_accum_steps,
+            "gradient_clipping": config.optim.grad_clip,
+            "bf16": {"enabled": config.run.precision == "bf16"},
+            # The optimizer is torch AdamW (see training.optim), which ZeRO supports; DeepSpeed's allow-list
+            # checks the exact class, and ours is a subclass that can skip a step.
+            "zero_allow_untested_optimizer": True,
+        }
+    )
+    out.setdefault("steps_per_print", 2**31 - 1)  # progress is reported by the trainer
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    """``deepspeed.initialize`` with our optimizer; returns the engine (it also wraps/holds the optimizer)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine

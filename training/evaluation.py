@@ -1,0 +1,132 @@
+"""Held-out loss, few-shot generations on held-out images, and caption scoring for the synthetic scenes.
+
+Every rank takes part (under ZeRO-3 each forward pass gathers parameters collectively): the held-out loss is
+computed on the same number of batches per rank and summed over ranks; generations use the same inputs on every
+rank, so all ranks decode the same number of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .distributed import all_reduce_sum
+
+
+@dataclass
+class FewShotSample:
+    true: str
+    generated: str
+
+    @property
+    def exact(self) -> bool:
+        return self.generated.strip() == self.true.strip()
+
+
+def move_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if key == "vision_x":
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss (labels are shifted inside the model)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def held_out_loss(
+    model: torch.nn.Module, loader: Any, num_batches: int, device: torch.device, dtype: torch.dtype
+) -> Optional[float]:
+    """Token-weighted mean loss over ``num_batches`` batches per rank, from the loader's start, summed over ranks."""
+    if loader is None or num_batches == 0:
+        return None
+    loader.load_state_dict({**loader.state_dict(), "position": 0})
+    totals = torch.zeros(2, dtype=torch.float64)
+    it = iter(loader)
+    for _ in range(num_batches):
+        batch = move_batch(next(it), device, dtype)
+        out = model(
+            batch["vision_x"],
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            media_mask=batch["media_mask"],
+        )
+        n = target_tokens(batch["labels"])
+        totals += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
+    totals = all_reduce_sum(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
+def _caption(meta: dict, input_ids: torch.Tensor, tokenizer: Any) -> str:
+    info = meta.get("json") or {}
+    caption = info.get("caption") or (info.get("captions") or [None])[0]
+    if isinstance(caption, str) and caption.strip():
+        return caption.strip()
+    return tokenizer.decode(input_ids, skip_special_tokens=True).strip()  # the text the loader built
+
+
+def demo_examples(loader: Any, tokenizer: Any, num_shots: int, num_queries: int) -> tuple[list, list]:
+    """(demonstrations [(image, caption)], queries [(image, caption)]) from the start of a held-out loader."""
+    loader.load_state_dict({**loader.state_dict(), "position": 0})
+    items: list[tuple[torch.Tensor, str]] = []
+    it = iter(loader)
+    while len(items) < num_shots + num_queries:
+        batch = next(it)
+        for image, meta, ids in zip(batch["vision_x"][:, 0, 0], batch["metadata"], batch["input_ids"]):
+            items.append((image, _caption(meta, ids, tokenizer)))
+    return items[:num_shots], items[num_shots : num_shots + num_queries]
+
+
+@torch.no_grad()
+def few_shot_captions(
+    model: torch.nn.Module,
+    demonstrations: list,
+    queries: list,
+    max_new_tokens: int,
+    dtype: torch.dtype,
+    synced: bool = False,
+) -> list[FewShotSample]:
+    """Greedy captions for the query images after the demonstrations, next to the true captions."""
+    import vlm
+
+    if not queries:
+        return []
+    demos = [(image.to(dtype), text) for image, text in demonstrations]
+    images = [image.to(dtype) for image, _ in queries]
+    kwargs = {"synced_gpus": True} if synced else {}
+    generated = vlm.few_shot(model, demos, images, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    return [FewShotSample(true, text.strip()) for (_, true), text in zip(queries, generated)]
+
+
+def score_scene_captions(samples: list[FewShotSample]) -> dict[str, float]:
+    """Exact-match rate and, for well-formed captions of the synthetic scenes, attribute accuracy."""
+    from data_pipelines.synthetic import parse_caption
+
+    exact = sum(s.exact for s in samples)
+    attributes = correct = well_formed = 0
+    for s in samples:
+        truth, guess = parse_caption(s.true), parse_caption(s.generated)
+        if truth is None:
+            continue
+        well_formed += guess is not None
+        by_position = {g.position: g for g in guess or []}
+        for g in truth:
+            other = by_position.get(g.position)
+            for attr in ("shape", "colour", "count"):
+                attributes += 1
+                correct += other is not None and getattr(other, attr) == getattr(g, attr)
+    n = max(1, len(samples))
+    return {
+        "exact_match": exact / n,
+        "well_formed": well_formed / n,
+        "attribute_accuracy": correct / attributes if attributes else 0.0,
+    }

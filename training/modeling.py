@@ -1,0 +1,166 @@
+"""Building the Flamingo model for training: bases, freezing, activation checkpointing, export.
+
+The model code (``vlm``) knows nothing about DeepSpeed or this trainer; everything training-specific -- which
+backbone weights train, recomputation in the backward pass, writing the trained weights in the
+``Flamingo.from_pretrained`` format -- is applied here from outside.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .tiny_bases import TinyBases, ensure_tiny_bases
+
+
+def resolve_bases(cfg: ModelConfig, cache_dir: str) -> tuple[dict[str, Any], Optional[TinyBases]]:
+    """``create_model_and_transforms`` arguments naming the bases (building the tiny ones if configured)."""
+    if cfg.tiny is not None:
+        tiny = ensure_tiny_bases(cfg.tiny, cache_dir)
+        names = {
+            "clip_vision_encoder_path": tiny.clip_name,
+            "clip_vision_encoder_pretrained": None,
+            "lang_encoder_path": tiny.lang_encoder_path,
+            "tokenizer_path": tiny.tokenizer_path,
+        }
+        return names, tiny
+    names = {
+        "clip_vision_encoder_path": cfg.clip_vision_encoder_path,
+        "clip_vision_encoder_pretrained": cfg.clip_vision_encoder_pretrained,
+        "lang_encoder_path": cfg.lang_encoder_path,
+        "tokenizer_path": cfg.tokenizer_path,
+    }
+    return names, None
+
+
+def build_model(cfg: ModelConfig, bases: dict[str, Any], seed: int):
+    """(model, image_processor, tokenizer) with the configured parts trainable. Same weights on every rank."""
+    import vlm
+
+    torch.manual_seed(seed)
+    model, image_processor, tokenizer = vlm.create_model_and_transforms(
+        **bases, use_local_files=cfg.use_local_files, **cfg.flamingo_kwargs()
+    )
+    if not cfg.freeze_lm:
+        added = set(model.added_parameter_names())
+        for name, p in model.named_parameters():
+            if name.startswith("lang_encoder.") and name not in added:
+                p.requires_grad_(True)
+    if cfg.gate_init is not None:
+        with torch.no_grad():
+            for block in model.gated_cross_attn_layers:
+                block.attn_gate.fill_(cfg.gate_init)
+                block.mlp_gate.fill_(cfg.gate_init)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, image_processor, tokenizer
+
+
+def _checkpointed(module: nn.Module, forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: the recomputation runs inside autograd's backward with the module's
+            # parameters as DeepSpeed ZeRO-3 gathered them for that backward, so it composes with ZeRO-3.
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute, in the backward pass, every LM decoder layer, gated cross-attention block and resampler layer
+    instead of keeping their activations. Returns the number of wrapped modules. Parameter names are unchanged."""
+    targets: list[nn.Module] = []
+    layers = model.lang_encoder.get_submodule(model.decoder_layers_path)
+    for layer in layers:
+        targets.append(layer.decoder_layer)
+        if layer.gated_cross_attn_layer is not None:
+            targets.append(layer.gated_cross_attn_layer)
+    targets.extend(model.perceiver.layers)
+    for module in targets:
+        if not getattr(module, "_activation_checkpointing", False):
+            module.forward = _checkpointed(module, module.forward)
+            module._activation_checkpointing = True
+    return len(targets)
+
+
+def trained_base_parameter_names(model: nn.Module) -> set[str]:
+    """Backbone parameters that train (an unfrozen vision tower or LM): export must save their new values."""
+    added = set(model.added_parameter_names())
+    return {n for n, p in model.named_parameters() if p.requires_grad and n not in added}
+
+
+def exported_parameter_names(model: nn.Module) -> set[str]:
+    """What ``save_pretrained`` writes after :func:`export_pretrained` marks the trained backbone weights: the added
+    parameters, trained backbone parameters, and a randomly initialised vision tower."""
+    names = set(model.added_parameter_names()) | trained_base_parameter_names(model)
+    names |= set(model.overridden_base_parameters)
+    if model.config.clip_vision_encoder_pretrained is None:
+        names |= {n for n, _ in model.named_parameters() if n.startswith("vision_encoder.")}
+    return names
+
+
+def export_pretrained(model: nn.Module, directory: Path, tiny: Optional[TinyBases]) -> Path:
+    """Write the model in the ``Flamingo.from_pretrained`` format (call with full, gathered parameters).
+
+    Trained backbone weights are saved with the added ones. Tiny bases are copied into ``directory/bases`` and
+    the saved config points there, so the export does not depend on the training cache. Written into a temporary
+    directory first and renamed, so an existing export is replaced only by a complete one.
+    """
+    directory = Path(directory).resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    saved_config = model.config
+    try:
+        if tiny is not None:
+            bases = directory / "bases"
+            shutil.copytree(tiny.clip_config_dir, staging / "bases" / "open_clip")
+            shutil.copytree(tiny.lang_encoder_path, staging / "bases" / "lm")
+            shutil.copytree(tiny.tokenizer_path, staging / "bases" / "tokenizer")
+            model.config = type(saved_config)(
+                **{
+                    **saved_config.to_dict(),
+                    "lang_encoder_path": str(bases / "lm"),
+                    "tokenizer_path": str(bases / "tokenizer"),
+                }
+            )
+        model.overridden_base_parameters = set(model.overridden_base_parameters) | trained_base_parameter_names(model)
+        model.save_pretrained(staging)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}-old-{os.getpid()}")
+            os.replace(directory, old)
+        staging.chmod(0o755)  # mkdtemp creates it private
+        os.replace(staging, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        model.config = saved_config
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_exported(directory: str | os.PathLike):
+    """``Flamingo.from_pretrained`` of an export, registering its bundled open_clip config (tiny bases) first.
+
+    Equivalent command line: ``python -m vlm.generate --model-dir DIR --clip-config DIR/bases/open_clip ...``.
+    """
+    import open_clip
+
+    from vlm import Flamingo
+
+    clip_configs = Path(directory) / "bases" / "open_clip"
+    if clip_configs.is_dir():
+        open_clip.add_model_config(clip_configs)
+    return Flamingo.from_pretrained(directory)

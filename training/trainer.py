@@ -1,0 +1,459 @@
+"""The :class:`Trainer`: owns the model engine, the data streams, the training state, checkpoints and metrics.
+
+    trainer = Trainer(load_config("configs/tiny.yaml", ["run.max_steps=50"]))
+    result = trainer.fit()          # trains (resuming from the latest checkpoint), checkpoints, exports
+    samples = trainer.few_shot_demo()
+    trainer.close()
+
+One *step* is one optimizer step: ``optim.grad_accum_steps`` micro-steps, each taking one batch from every
+training stream (pairs, documents) and back-propagating ``sum(loss_weight * stream loss)``. Losses are averaged
+over ranks, so every rank logs (and checks) the same numbers. A step whose loss is not finite on any rank is
+skipped on every rank (parameters, optimizer moments and the LR schedule untouched) and counted; after
+``optim.max_consecutive_nonfinite`` such steps in a row the run saves a checkpoint and stops with
+:class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointManager, capture_rng, restore_rng
+from .config import ConfigError, TrainConfig
+from .data import Batches, build_train_loaders, build_val_loader, check_shards_exist, ensure_synthetic
+from .distributed import DistContext, all_reduce_sum, barrier, main_first, resolve_device, setup_distributed
+from .engine import build_deepspeed_config, initialize_engine, load_deepspeed_json, zero_stage
+from .evaluation import (
+    FewShotSample,
+    demo_examples,
+    few_shot_captions,
+    held_out_loss,
+    move_batch,
+    score_scene_captions,
+)
+from .metrics import MetricsLogger, plot_loss_curve
+from .modeling import build_model, export_pretrained, exported_parameter_names, load_exported, resolve_bases
+from .optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss; a checkpoint of the last good state was written."""
+
+
+@dataclass
+class TrainResult:
+    start_step: int
+    step: int
+    losses: dict[int, Optional[float]] = field(default_factory=dict)  # steps run by this process
+    stopped_early: bool = False
+    checkpoint: Optional[Path] = None
+    export_dir: Optional[Path] = None
+    seconds: float = 0.0
+    eval_loss: Optional[float] = None
+
+
+def preflight(config: TrainConfig) -> dict[str, Any]:
+    """Every check that needs no model or data loading; raises ConfigError before any work."""
+    resolve_device(config.run)
+    ds_json = load_deepspeed_json(config.run.deepspeed_path())
+    check_shards_exist(config)
+    resume = config.checkpoint.resume
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.resume: {resume!r} is not a checkpoint directory")
+    elif resume == "never" and (config.checkpoint_dir / "latest").is_file():
+        raise ConfigError(
+            f"checkpoint.resume: 'never', but {config.checkpoint_dir} already holds checkpoints; "
+            "use another run.output_dir or checkpoint.resume=auto"
+        )
+    for key, directory in (("run.output_dir", config.run.output_dir), ("data.cache_dir", config.data.cache_dir)):
+        existing = Path(directory).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ConfigError(f"{key}: cannot write {directory!r} ({existing} is not a writable directory)")
+    return ds_json
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` (after :func:`preflight`), resuming if a checkpoint exists."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        ds_json = preflight(config)
+        self.config = config
+        self._threads_before = torch.get_num_threads()
+        self.ctx: DistContext = setup_distributed(config.run)
+        _quiet_libraries()  # after DeepSpeed's import, which sets its logger's level
+        ctx = self.ctx
+        self.device = ctx.device
+        self.dtype = torch.bfloat16 if config.run.precision == "bf16" else torch.float32
+        self.output_dir = Path(config.run.output_dir)
+
+        # Shared files (tiny bases, generated data) are written by rank 0, then read by everyone.
+        self.bases, self.tiny = main_first(ctx, lambda: resolve_bases(config.model, config.data.cache_dir))
+        self.synthetic = main_first(ctx, lambda: ensure_synthetic(config.data, show_progress=ctx.is_main))
+
+        model, self.image_processor, self.tokenizer = build_model(config.model, self.bases, config.run.seed)
+        loaders = build_train_loaders(
+            config, self.tokenizer, self.image_processor, self.synthetic, ctx.rank, ctx.world_size
+        )
+        self.streams = {name: Batches(loader) for name, loader in loaders.items()}
+        self.val_loader = build_val_loader(
+            config, self.tokenizer, self.image_processor, self.synthetic, ctx.rank, ctx.world_size
+        )
+        # the same demonstration/query images on every rank (generation must take the same steps everywhere)
+        self.demo_loader = build_val_loader(config, self.tokenizer, self.image_processor, self.synthetic, 0, 1)
+
+        self.optimizer = build_optimizer(model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, config.run.max_steps)
+        self.ds_config = build_deepspeed_config(config, ds_json)
+        self.zero_stage = zero_stage(self.ds_config)
+        self.engine = initialize_engine(model, self.optimizer, self.ds_config)
+        self.model = self.engine.module
+
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_consecutive = 0
+        self.resumed_from: Optional[Path] = None
+        self.checkpoints = CheckpointManager(config.checkpoint_dir, ctx, config.checkpoint.keep_last)
+        self.checkpoints.clean_staging()
+        self._last_saved_step: Optional[int] = None
+
+        random.seed(config.run.seed + ctx.rank)
+        np.random.seed(config.run.seed + ctx.rank)
+        torch.manual_seed(config.run.seed + ctx.rank)
+        resume = self._resume_path()
+        if resume is not None:
+            self._load(resume)
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(config.to_yaml())
+        self.metrics = MetricsLogger(self.output_dir, config.logging, ctx.is_main, self.step, config.run.max_steps)
+        if self.resumed_from is not None:
+            self.metrics.write(f"resumed from {self.resumed_from} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _resume_path(self) -> Optional[Path]:
+        resume = self.config.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.checkpoints.latest()
+        path = Path(resume)
+        if (path / "latest").is_file():  # a checkpoint directory rather than one checkpoint
+            return CheckpointManager(path, self.ctx).latest()
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's trainer state (what DeepSpeed's checkpoint does not hold)."""
+        return {
+            "step": self.step,
+            "rank": self.ctx.rank,
+            "world_size": self.ctx.world_size,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_consecutive": self.nonfinite_consecutive,
+            "scheduler": self.scheduler.state_dict(),
+            "loaders": {name: stream.state_dict() for name, stream in self.streams.items()},
+            "rng": capture_rng(),
+        }
+
+    def _load(self, path: Path) -> None:
+        state = self.checkpoints.load(self.engine, path)
+        missing = sorted(set(self.streams) - set(state["loaders"]))
+        if missing:
+            raise RuntimeError(f"checkpoint {path} has no data position for the stream(s) {missing}")
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state["loaders"][name])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        for key in ("step", "samples_seen", "tokens_seen", "nonfinite_total", "nonfinite_consecutive"):
+            setattr(self, key, state[key])
+        restore_rng(state["rng"])
+        self.resumed_from = Path(path)
+        self._last_saved_step = self.step
+
+    def save_checkpoint(self) -> Path:
+        """Collective. Writes a checkpoint of the current step (crash-safe, see training.checkpoint)."""
+        path = self.checkpoints.save(self.engine, self.step, self.state_dict())
+        self._last_saved_step = self.step
+        return path
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _micro_step(self) -> tuple[torch.Tensor, dict[str, float], int, int]:
+        """Forward every stream's batch; returns (weighted loss, per-stream losses, samples, tokens)."""
+        total: Optional[torch.Tensor] = None
+        parts: dict[str, float] = {}
+        samples = tokens = 0
+        for name, stream in self.streams.items():
+            batch = move_batch(stream.next(), self.device, self.dtype)
+            out = self.engine(
+                batch["vision_x"],
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                media_mask=batch["media_mask"],
+            )
+            weight = getattr(self.config.data, name).loss_weight
+            total = out.loss * weight if total is None else total + out.loss * weight
+            parts[name] = float(out.loss.detach())
+            samples += int(batch["input_ids"].shape[0])
+            tokens += int(batch["attention_mask"].sum())
+        return total, parts, samples, tokens
+
+    def _grad_norm_before_step(self) -> Optional[float]:
+        # DeepSpeed reports the norm itself with ZeRO / bf16; without them it is computed here (after the
+        # gradient all-reduce, before clipping).
+        if self.zero_stage > 0 or self.config.run.precision == "bf16":
+            return None
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its record (the same on every rank)."""
+        gas = self.config.optim.grad_accum_steps
+        names = list(self.streams)
+        sums = torch.zeros(4 + len(names), dtype=torch.float64)  # loss, non-finite flag, samples, tokens, parts
+        window_bad = False
+        grad_norm = None
+        lr = self.optimizer.param_groups[0]["lr"]
+        for micro in range(gas):
+            loss, parts, samples, tokens = self._micro_step()
+            finite = bool(torch.isfinite(loss.detach()))
+            local = torch.tensor(
+                [float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0, samples, tokens]
+                + [parts[n] if finite else 0.0 for n in names],
+                dtype=torch.float64,
+            )
+            reduced = all_reduce_sum(local)
+            window_bad = window_bad or bool(reduced[1] > 0)  # identical on every rank
+            sums += reduced
+            self.engine.backward(loss)
+            if micro == gas - 1:
+                grad_norm = self._grad_norm_before_step() if not window_bad else None
+            self.optimizer.skip_next_step = window_bad  # only read at the accumulation boundary
+            self.engine.step()
+        self.optimizer.skip_next_step = False
+        self.step += 1
+        if window_bad:
+            self.nonfinite_total += 1
+            self.nonfinite_consecutive += 1
+        else:
+            self.nonfinite_consecutive = 0
+            self.scheduler.step()
+            if grad_norm is None:
+                norm = self.engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else None
+        denom = self.ctx.world_size * gas
+        self.samples_seen += int(sums[2])
+        self.tokens_seen += int(sums[3])
+        record = {
+            "step": self.step,
+            "loss": None if window_bad else float(sums[0] / denom),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped": window_bad,
+            "nonfinite_total": self.nonfinite_total,
+            "samples": int(sums[2]),
+            "tokens": int(sums[3]),
+        }
+        for i, name in enumerate(names):
+            record[f"loss_{name}"] = None if window_bad else float(sums[4 + i] / denom)
+        return record
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        """Train to ``run.max_steps`` (or ``checkpoint.stop_at_step``), checkpointing, evaluating, exporting."""
+        cfg = self.config
+        max_steps = cfg.run.max_steps
+        stop = cfg.checkpoint.stop_at_step or max_steps
+        result = TrainResult(start_step=self.step, step=self.step)
+        start = time.perf_counter()
+        if self.step >= stop:
+            self.metrics.write(f"checkpoint is at step {self.step}; nothing to train (target step {stop})")
+        self.engine.train()
+        while self.step < stop:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            self.metrics.log_step(record, time.perf_counter() - t0)
+            result.losses[self.step] = record["loss"]
+            if self.nonfinite_consecutive >= cfg.optim.max_consecutive_nonfinite:
+                self._abort_nonfinite()
+            if self.step % cfg.logging.log_every == 0:
+                self.metrics.log_data_stats(self.step, {n: s.loader.stats for n, s in self.streams.items()})
+            every = cfg.checkpoint.every_steps
+            if every and self.step % every == 0 and self.step < stop:
+                result.checkpoint = self.save_checkpoint()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < max_steps:
+                self.evaluate()
+        result.step = self.step
+        result.seconds = time.perf_counter() - start
+        if self.step < max_steps:  # a planned stop: save and leave
+            if self._last_saved_step != self.step:
+                result.checkpoint = self.save_checkpoint()
+            result.checkpoint = result.checkpoint or self.checkpoints.latest()
+            result.stopped_early = True
+            self.metrics.write(f"stopped at step {self.step} of {max_steps}; run again with the same config to resume")
+            return result
+        trained_here = self.step > result.start_step  # else: a finished run started again; its outputs exist
+        if cfg.eval.every_steps and trained_here:
+            result.eval_loss = self.evaluate().get("loss")
+        if self._last_saved_step != self.step:
+            result.checkpoint = self.save_checkpoint()
+        else:
+            result.checkpoint = self.checkpoints.latest()
+        if cfg.checkpoint.export and (trained_here or not (cfg.export_dir / "flamingo_config.json").is_file()):
+            result.export_dir = self.export()
+        elif cfg.checkpoint.export:
+            result.export_dir = cfg.export_dir
+        if self.ctx.is_main and cfg.logging.loss_curve:
+            self.metrics.close()
+            curve = plot_loss_curve(self.metrics.path, self.metrics.curve_path)
+            if curve is not None:
+                print(f"loss curve: {curve}", flush=True)
+        return result
+
+    def _abort_nonfinite(self) -> None:
+        n = self.nonfinite_consecutive
+        path = self.save_checkpoint()
+        message = (
+            f"{n} optimizer steps in a row (steps {self.step - n + 1}..{self.step}) had a non-finite loss on at least "
+            f"one rank (limit optim.max_consecutive_nonfinite={self.config.optim.max_consecutive_nonfinite}); "
+            f"training stopped. The weights and optimizer state are those of step {self.step - n} (skipped steps "
+            f"change nothing) and were saved to {path}; resuming continues after the bad batches. "
+            "Check the data and consider a lower optim.lr."
+        )
+        self.metrics.write(message)
+        self.metrics.close()
+        raise NonFiniteLossError(message)
+
+    # ------------------------------------------------------------------------------------------------ eval/export
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out loss and a few greedy few-shot captions; collective; leaves the RNG state untouched."""
+        cfg = self.config.eval
+        rng = capture_rng()
+        self.engine.eval()
+        try:
+            loss = held_out_loss(self.model, self.val_loader, cfg.batches, self.device, self.dtype)
+            generations: list[FewShotSample] = []
+            if cfg.num_generations and self.demo_loader is not None:
+                demos, queries = demo_examples(self.demo_loader, self.tokenizer, cfg.num_shots, cfg.num_generations)
+                generations = few_shot_captions(
+                    self.model, demos, queries, cfg.max_new_tokens, self.dtype, synced=self._synced_generation
+                )
+        finally:
+            self.engine.train()
+            restore_rng(rng)
+        result = {"loss": loss, "generations": [{"true": g.true, "generated": g.generated} for g in generations]}
+        self.metrics.log_eval(self.step, result)
+        lines = [
+            f"eval @ step {self.step}: held-out loss {loss:.4f}" if loss is not None else f"eval @ step {self.step}"
+        ]
+        lines += [f"  true: {g.true}\n  gen:  {g.generated}" for g in generations]
+        self.metrics.write("\n".join(lines))
+        return result
+
+    @property
+    def _synced_generation(self) -> bool:
+        return self.zero_stage == 3 and self.ctx.world_size > 1
+
+    def export(self) -> Path:
+        """Collective. Trained weights in the ``Flamingo.from_pretrained`` format (see training.modeling)."""
+        directory = self.config.export_dir
+        gather = nullcontext()
+        if self.zero_stage == 3:
+            import deepspeed
+
+            names = exported_parameter_names(self.model)  # frozen backbone weights are not exported
+            params = [p for n, p in self.model.named_parameters() if n in names]
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            if self.ctx.is_main:
+                export_pretrained(self.model, directory, self.tiny)
+        barrier()
+        if self.ctx.is_main:
+            print(f"exported model: {directory}", flush=True)
+        return directory
+
+    def few_shot_demo(self, num_queries: Optional[int] = None, from_export: bool = True) -> list[FewShotSample]:
+        """Caption held-out images after ``eval.num_shots`` demonstrations; print them next to the true captions.
+
+        With ``from_export`` (and an export present) rank 0 loads the exported model with
+        ``Flamingo.from_pretrained`` -- no DeepSpeed -- and the other ranks return nothing.
+        """
+        cfg = self.config.eval
+        n = cfg.final_queries if num_queries is None else num_queries
+        if self.demo_loader is None or n == 0:
+            return []
+        demos, queries = demo_examples(self.demo_loader, self.tokenizer, cfg.num_shots, n)
+        export = self.config.export_dir
+        if from_export and (export / "flamingo_config.json").is_file():
+            if not self.ctx.is_main:
+                return []
+            model = load_exported(export).to(self.device).eval()
+            samples = few_shot_captions(model, demos, queries, cfg.max_new_tokens, torch.float32)
+            source = f"exported model {export}"
+        else:
+            self.engine.eval()
+            samples = few_shot_captions(
+                self.model, demos, queries, cfg.max_new_tokens, self.dtype, synced=self._synced_generation
+            )
+            self.engine.train()
+            source = "trained model"
+            if not self.ctx.is_main:
+                return samples
+        scores = score_scene_captions(samples)
+        print(f"\nfew-shot captions of held-out images ({cfg.num_shots} demonstrations, {source}):", flush=True)
+        for i, s in enumerate(samples):
+            mark = "=" if s.exact else "x"
+            print(f"  [{i}] {mark} true:      {s.true}\n        generated: {s.generated}", flush=True)
+        print(
+            f"exact: {scores['exact_match']:.0%}  well-formed: {scores['well_formed']:.0%}  "
+            f"attributes right: {scores['attribute_accuracy']:.0%}",
+            flush=True,
+        )
+        return samples
+
+    def close(self) -> None:
+        self.metrics.close()
+        destroy = getattr(self.engine, "destroy", None)
+        if callable(destroy):
+            destroy()
+        torch.set_num_threads(self._threads_before)
+
+    def summary(self, result: TrainResult) -> str:
+        losses = [v for _, v in sorted(result.losses.items()) if v is not None and math.isfinite(v)]
+        if not losses:
+            return f"step {result.step}: no steps run in this process"
+        k = max(1, min(10, len(losses) // 5))
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        return (
+            f"trained steps {result.start_step + 1}..{result.step} in {result.seconds:.1f}s: loss {first:.4f} "
+            f"(mean of first {k}) -> {last:.4f} (mean of last {k}); skipped non-finite steps: {self.nonfinite_total}"
+        )

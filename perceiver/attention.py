@@ -118,8 +118,11 @@ class MultiHeadAttention(nn.Module):
         if qk_transform is not None:
             q, k = qk_transform(q, k)
         if kv_cache is not None:
-            k = torch.cat([kv_cache[0], k], dim=2)
-            v = torch.cat([kv_cache[1], v], dim=2)
+            if k.shape[2] == 0:  # nothing new (e.g. an image's cached keys/values): no copy of the cache
+                k, v = kv_cache
+            else:
+                k = torch.cat([kv_cache[0], k], dim=2)
+                v = torch.cat([kv_cache[1], v], dim=2)
         out = attend(q, k, v, attn_mask, is_causal, self.dropout_p if self.training else 0.0)
         out = self.o_proj(out.transpose(1, 2).flatten(2))  # (B, N_q, C_out)
         if return_kv:

@@ -100,6 +100,17 @@ def test_causal_flag_equals_explicit_mask_and_cache_equals_full():
     assert_close(step, full[:, 6:])
 
 
+def test_cached_keys_alone_are_reused_without_copy():
+    """Fixed keys/values (e.g. an image's, reused at every decoding step): no new keys -> the cache as is."""
+    mha = MultiHeadAttention(2, 16, 12).eval()
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 5, 12)
+    mask = torch.rand(2, 3, 5) > 0.3
+    full, cache = mha(q, kv, mask, return_kv=True)
+    out, again = mha(q, kv[:, :0], mask, kv_cache=cache, return_kv=True)
+    assert_close(out, full)
+    assert again[0] is cache[0] and again[1] is cache[1]
+
+
 def test_cross_attention_layer_structure():
     """x = attn(LN(q), LN(kv)) + q; x + MLP(LN(x)) - computed by hand from the submodules."""
     layer = CrossAttentionLayer(16, 10, num_heads=2, qk_channels=8, widening_factor=2).eval()

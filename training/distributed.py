@@ -60,17 +60,6 @@ def _env_int(name: str) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _disable_deepspeed_cpu_shm_allreduce() -> None:
-    # On CPU DeepSpeed compiles a shared-memory all-reduce extension at first use (a C++ toolchain and about a
-    # minute); gloo's all-reduce is all this job needs, so the extension is not built.
-    import importlib
-
-    # (``import deepspeed.comm.torch as m`` would bind the ``torch`` package that deepspeed.comm re-exports)
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    if hasattr(ds_torch_comm, "build_shm_op"):
-        ds_torch_comm.build_shm_op = lambda: None
-
-
 def setup_distributed(run: RunConfig) -> DistContext:
     """Initialise (once per process) the default process group through DeepSpeed and return this process's place."""
     device_type = resolve_device(run)
@@ -100,7 +89,6 @@ def setup_distributed(run: RunConfig) -> DistContext:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
-        _disable_deepspeed_cpu_shm_allreduce()
         device = torch.device("cpu")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", auto_mpi_discovery=False)

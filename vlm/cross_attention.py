@@ -82,7 +82,8 @@ class GatedCrossAttentionBlock(nn.Module):
         elif kv_cache is not None and kv_cache[0].shape[2] == 0:
             out = torch.zeros_like(x)
         elif kv_cache is None:
-            out, kv_cache = self.attention(h, media, attn_mask=attn_mask, return_kv=True)
+            out, (k, v) = self.attention(h, media, attn_mask=attn_mask, return_kv=True)
+            kv_cache = (k.contiguous(), v.contiguous())  # reused at every decoding step: lay out once
         else:
             out = self.attention(h, media[:, :0], attn_mask=attn_mask, kv_cache=kv_cache)
         x = x + out * self.attn_gate.tanh()

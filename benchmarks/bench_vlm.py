@@ -1,0 +1,266 @@
+"""Flamingo benchmark: this project's `vlm` vs the `open-flamingo` reference package, same components.
+
+Both models are built from the same small offline components (an open_clip ViT saved to a local
+checkpoint file, a Llama-style LM and a tokenizer saved to local directories) with OpenFlamingo's
+default resampler / cross-attention sizes, and the reference's weights are loaded into ours with
+`vlm.load_openflamingo_checkpoint`, so both compute the same function (checked: logits and greedy
+tokens are compared before timing).
+
+Measured, interleaved in one process so a busy machine slows both alike:
+  * training step: forward + backward with frozen vision tower and LM (each model's own trainable set:
+    OpenFlamingo trains the whole input-embedding matrix, this project only the added token rows);
+  * generation: greedy decoding of `--new-tokens` tokens after a prompt with `--shots` images.
+    Ours runs `Flamingo.generate` (Hugging Face `generate`). The reference's `generate` does not run on
+    transformers 5.x (its `FlamingoLMMixin.forward` requires `attention_mask` positionally, which the
+    generation prefill does not pass), so it is driven by the loop its `generate` delegates to: images
+    encoded once, then the LM called token by token with its KV cache. That loop has less overhead than
+    `generate`, which favours the reference.
+
+    python benchmarks/bench_vlm.py                    # results in benchmarks/results/vlm.json
+    python benchmarks/bench_vlm.py --repeats 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Scaled-down shapes of the released OpenFlamingo models: what matters for the comparison is the vision width
+# relative to the LM width (ViT-L/14 is 1024 wide; the 3B LM 2048, the 9B LM 4096) and how often
+# cross-attention is inserted. Resampler and cross-attention sizes are OpenFlamingo's defaults in both.
+CONFIGS = {
+    "3b-shape": dict(vision_width=384, vision_layers=4, lm_width=768, lm_layers=6, cross_attn_every=1),
+    "9b-shape": dict(vision_width=192, vision_layers=4, lm_width=768, lm_layers=8, cross_attn_every=4),
+}
+
+
+def import_open_flamingo():
+    """The reference package (installed with --no-deps); `einops_exts.rearrange_many` is its only
+    import-time helper that may be missing, and is provided from einops when it is."""
+    try:
+        import einops_exts  # noqa: F401
+    except ImportError:
+        from einops import rearrange
+
+        shim = types.ModuleType("einops_exts")
+        shim.rearrange_many = lambda tensors, pattern, **kw: tuple(rearrange(t, pattern, **kw) for t in tensors)
+        sys.modules["einops_exts"] = shim
+    import open_flamingo
+
+    return open_flamingo
+
+
+def build_components(args, shape: dict, directory: Path) -> dict:
+    import open_clip
+
+    from training.config import TinyBasesConfig
+    from training.tiny_bases import ensure_tiny_bases
+
+    cfg = TinyBasesConfig(
+        image_size=args.image_size,
+        patch_size=16,
+        vision_width=shape["vision_width"],
+        vision_layers=shape["vision_layers"],
+        vision_head_width=64,
+        lm_hidden_size=shape["lm_width"],
+        lm_layers=shape["lm_layers"],
+        lm_heads=shape["lm_width"] // 64,
+        lm_intermediate_size=4 * shape["lm_width"],
+        lm_max_positions=1024,
+        vocab_size=512,
+    )
+    bases = ensure_tiny_bases(cfg, directory)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(bases.clip_name, pretrained=None)
+    clip_ckpt = directory / "clip.pt"
+    torch.save(clip.state_dict(), clip_ckpt)
+    return dict(
+        clip_vision_encoder_path=bases.clip_name,
+        clip_vision_encoder_pretrained=str(clip_ckpt),
+        lang_encoder_path=bases.lang_encoder_path,
+        tokenizer_path=bases.tokenizer_path,
+    )
+
+
+def build_models(components: dict, every: int):
+    import vlm
+
+    of = import_open_flamingo()
+    torch.manual_seed(1)
+    ref, _, ref_tok = of.create_model_and_transforms(**components, cross_attn_every_n_layers=every)
+    with torch.no_grad():  # open the gates and move the embeddings, as training would
+        for name, p in ref.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                p.uniform_(0.5, 1.5)
+        emb = ref.lang_encoder.get_input_embeddings().weight
+        emb.add_(0.05 * torch.randn_like(emb))
+    ours, _, tok = vlm.create_model_and_transforms(**components, cross_attn_every_n_layers=every)
+    vlm.load_openflamingo_checkpoint(ours, ref.state_dict())
+    return ours, tok, ref, ref_tok
+
+
+def make_batch(tok, batch: int, shots: int, image_size: int, seed: int = 0):
+    """`shots` captioned images per example; for generation the last caption is left open."""
+    g = torch.Generator().manual_seed(seed)
+    vision_x = torch.randn(batch, shots, 1, 3, image_size, image_size, generator=g)
+    demo = "<image>Output: a red circle and two blue squares on a white background.<|endofchunk|>"
+    train_text = [demo * shots] * batch
+    prompt = [demo * (shots - 1) + "<image>Output:"] * batch
+    train = tok(train_text, return_tensors="pt")
+    labels = train.input_ids.clone()
+    labels[labels == tok.convert_tokens_to_ids("<image>")] = -100
+    gen = tok(prompt, return_tensors="pt")
+    return vision_x, train.input_ids, train.attention_mask, labels, gen.input_ids, gen.attention_mask
+
+
+def reference_greedy(ref, vision_x, input_ids, attention_mask, new_tokens: int) -> torch.Tensor:
+    """What OpenFlamingo's `generate` runs (vision encoded once, LM KV cache), greedy, `<image>` suppressed."""
+    ref.lang_encoder._use_cached_vision_x = True
+    ref._encode_vision_x(vision_x=vision_x)
+    try:
+        ids, mask, past, step_ids = input_ids, attention_mask, None, input_ids
+        for _ in range(new_tokens):
+            out = ref.lang_encoder(input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            logits = out.logits[:, -1]
+            logits[:, ref.media_token_id] = -float("inf")
+            step_ids = logits.argmax(-1, keepdim=True)
+            past = out.past_key_values
+            ids = torch.cat([ids, step_ids], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return ids
+    finally:
+        ref.lang_encoder.clear_conditioned_layers()
+        ref.lang_encoder._use_cached_vision_x = False
+
+
+def ours_greedy(model, vision_x, input_ids, attention_mask, new_tokens: int) -> torch.Tensor:
+    return model.generate(
+        vision_x,
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+    )
+
+
+def train_step(model, vision_x, ids, mask, labels) -> None:
+    model.zero_grad(set_to_none=True)
+    model(vision_x, ids, attention_mask=mask, labels=labels).loss.backward()
+
+
+def time_interleaved(fns: dict, repeats: int, desc: str) -> dict:
+    times = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--shots", type=int, default=4, help="images per example (in-context images for generation)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "vlm.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {"threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}, "configs": {}}
+    for name in args.configs:
+        results["configs"][name] = run_config(name, CONFIGS[name], args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+def run_config(name: str, shape: dict, args) -> dict:
+    print(f"== {name}: {shape}")
+    with tempfile.TemporaryDirectory(prefix="bench-vlm-") as tmp:
+        components = build_components(args, shape, Path(tmp))
+        ours, tok, ref, ref_tok = build_models(components, shape["cross_attn_every"])
+        vision_x, ids, mask, labels, gen_ids, gen_mask = make_batch(tok, args.batch, args.shots, args.image_size)
+        ref_ids = ref_tok(tok.batch_decode(ids), return_tensors="pt", add_special_tokens=False).input_ids
+        if not torch.equal(ref_ids, ids):
+            raise RuntimeError("the two tokenizers disagree on the benchmark text")
+
+        # Same function: logits and greedy tokens agree before anything is timed.
+        ours.eval(), ref.eval()
+        with torch.no_grad():
+            diff = ours(vision_x, ids, attention_mask=mask).logits - ref(vision_x, ids, attention_mask=mask).logits
+            max_diff = diff.abs().max().item()
+        same_tokens = torch.equal(
+            ours_greedy(ours, vision_x, gen_ids, gen_mask, args.new_tokens),
+            reference_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens),
+        )
+        print(f"max |logits ours - OpenFlamingo| = {max_diff:.2e}; identical greedy tokens: {same_tokens}")
+
+        ours.train(), ref.train()
+        train = time_interleaved(
+            {
+                "ours": lambda: train_step(ours, vision_x, ids, mask, labels),
+                "openflamingo": lambda: train_step(ref, vision_x, ids, mask, labels),
+            },
+            args.repeats,
+            "training step",
+        )
+        ours.eval(), ref.eval()
+        with torch.no_grad():
+            gen = time_interleaved(
+                {
+                    "ours": lambda: ours_greedy(ours, vision_x, gen_ids, gen_mask, args.new_tokens),
+                    "openflamingo": lambda: reference_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens),
+                },
+                args.repeats,
+                "generation",
+            )
+
+    new = args.batch * args.new_tokens
+    result = {
+        "shape": shape,
+        "train_tokens_per_step": int(mask.sum()),
+        "max_abs_logit_diff": max_diff,
+        "identical_greedy_tokens": same_tokens,
+        "train_step_s": train,
+        "train_speedup": train["openflamingo"] / train["ours"],
+        "generate_s": gen,
+        "generate_tokens_per_s": {k: new / v for k, v in gen.items()},
+        "generate_speedup": gen["openflamingo"] / gen["ours"],
+    }
+    print(
+        f"training step (B={args.batch}, {args.shots} images, {result['train_tokens_per_step']} tokens): "
+        f"ours {train['ours']:.3f} s, OpenFlamingo {train['openflamingo']:.3f} s -> {result['train_speedup']:.2f}x"
+    )
+    print(
+        f"generation ({args.new_tokens} new tokens, {args.shots} images, B={args.batch}): "
+        f"ours {result['generate_tokens_per_s']['ours']:.1f} tok/s, "
+        f"OpenFlamingo {result['generate_tokens_per_s']['openflamingo']:.1f} tok/s -> {result['generate_speedup']:.2f}x"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -34,14 +34,41 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Named configurations; every implementation gets the same one. (batch, input length M, model sizes)
 PEER_CONFIGS = {
     # latent transformer dominates: matmul-bound, all implementations do the same GEMMs
-    "latent-heavy": dict(batch=4, length=4096, input_channels=64, num_latents=256, latent_channels=512,
-                         cross_heads=1, self_heads=8, self_attends=6, widening=4),
+    "latent-heavy": dict(
+        batch=4,
+        length=4096,
+        input_channels=64,
+        num_latents=256,
+        latent_channels=512,
+        cross_heads=1,
+        self_heads=8,
+        self_attends=6,
+        widening=4,
+    ),
     # long input: the cross-attention over M dominates, where fused attention pays off
-    "long-input": dict(batch=2, length=32768, input_channels=64, num_latents=256, latent_channels=512,
-                       cross_heads=1, self_heads=8, self_attends=2, widening=1),
+    "long-input": dict(
+        batch=2,
+        length=32768,
+        input_channels=64,
+        num_latents=256,
+        latent_channels=512,
+        cross_heads=1,
+        self_heads=8,
+        self_attends=2,
+        widening=1,
+    ),
     # 128x128 image with 64-band Fourier features (261 channels) as raw-pixel Perceiver input
-    "image-128-fourier": dict(batch=2, length=16384, input_channels=261, num_latents=256, latent_channels=512,
-                              cross_heads=1, self_heads=8, self_attends=2, widening=1),
+    "image-128-fourier": dict(
+        batch=2,
+        length=16384,
+        input_channels=261,
+        num_latents=256,
+        latent_channels=512,
+        cross_heads=1,
+        self_heads=8,
+        self_attends=2,
+        widening=1,
+    ),
 }
 
 
@@ -109,8 +136,13 @@ def build(impl: str, cfg: dict) -> nn.Module:
         )
     if impl == "transformer":
         layer = nn.TransformerEncoderLayer(
-            cfg["input_channels"], cfg["transformer_heads"], cfg["widening"] * cfg["input_channels"],
-            dropout=0.0, activation="gelu", batch_first=True, norm_first=True,
+            cfg["input_channels"],
+            cfg["transformer_heads"],
+            cfg["widening"] * cfg["input_channels"],
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         return nn.TransformerEncoder(layer, cfg["transformer_layers"], enable_nested_tensor=False)
     raise ValueError(f"unknown implementation {impl!r}")
@@ -179,20 +211,32 @@ def run_peers(args) -> dict:
         fastest_peer = min(secs[k] for k in impls if k != "ours")
         lowest_peer_mem = min(mem[k] for k in impls if k != "ours")
         results[name] = {
-            "config": cfg, "threads": torch.get_num_threads(), "params": params, "seconds_per_step": secs,
-            "peak_memory_mib": mem, "samples_per_second": {k: cfg["batch"] / s for k, s in secs.items()},
+            "config": cfg,
+            "threads": torch.get_num_threads(),
+            "params": params,
+            "seconds_per_step": secs,
+            "peak_memory_mib": mem,
+            "samples_per_second": {k: cfg["batch"] / s for k, s in secs.items()},
             "speedup_vs_fastest_peer": fastest_peer / secs["ours"],
             "memory_ratio_vs_lowest_peer": mem["ours"] / lowest_peer_mem,
         }
-        print(f"\n[{name}] forward+backward, batch {cfg['batch']}, {cfg['length']} inputs x {cfg['input_channels']} "
-              f"channels, {cfg['num_latents']} x {cfg['latent_channels']} latents, {cfg['self_attends']} self-attends, "
-              f"{torch.get_num_threads()} threads")
-        print(f"{'implementation':<20}{'params':>12}{'s/step':>10}{'samples/s':>11}{'peak MiB':>10}{'ours faster by':>16}")
+        print(
+            f"\n[{name}] forward+backward, batch {cfg['batch']}, {cfg['length']} inputs x {cfg['input_channels']} "
+            f"channels, {cfg['num_latents']} x {cfg['latent_channels']} latents, {cfg['self_attends']} self-attends, "
+            f"{torch.get_num_threads()} threads"
+        )
+        print(
+            f"{'implementation':<20}{'params':>12}{'s/step':>10}{'samples/s':>11}{'peak MiB':>10}{'ours faster by':>16}"
+        )
         for k in impls:
-            print(f"{k:<20}{params[k]:>12,}{secs[k]:>10.3f}{cfg['batch'] / secs[k]:>11.2f}{mem[k]:>10.0f}"
-                  f"{secs[k] / secs['ours']:>15.2f}x")
-        print(f"ours vs fastest peer: {results[name]['speedup_vs_fastest_peer']:.2f}x the speed, "
-              f"{results[name]['memory_ratio_vs_lowest_peer']:.2f}x the peak memory of the leanest peer")
+            print(
+                f"{k:<20}{params[k]:>12,}{secs[k]:>10.3f}{cfg['batch'] / secs[k]:>11.2f}{mem[k]:>10.0f}"
+                f"{secs[k] / secs['ours']:>15.2f}x"
+            )
+        print(
+            f"ours vs fastest peer: {results[name]['speedup_vs_fastest_peer']:.2f}x the speed, "
+            f"{results[name]['memory_ratio_vs_lowest_peer']:.2f}x the peak memory of the leanest peer"
+        )
     return results
 
 
@@ -202,10 +246,22 @@ def slope(xs, ys) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
+SCALING_BATCH = 2
+
+
 def run_scaling(args) -> dict:
     # a small latent array, so that the input-dependent cost dominates from short inputs on
-    cfg = dict(input_channels=64, num_latents=64, latent_channels=128, cross_heads=1, self_heads=4,
-               self_attends=1, widening=4, transformer_heads=4, transformer_layers=2)
+    cfg = dict(
+        input_channels=64,
+        num_latents=64,
+        latent_channels=128,
+        cross_heads=1,
+        self_heads=4,
+        self_attends=1,
+        widening=4,
+        transformer_heads=4,
+        transformer_layers=2,
+    )
     lengths = [1024 * 2**i for i in range(7)]  # 1k .. 64k
     rows = []
     skip_transformer = False
@@ -215,17 +271,19 @@ def run_scaling(args) -> dict:
                 continue
             torch.manual_seed(0)
             model = build(impl, cfg).train()
-            x = torch.randn(1, m_len, cfg["input_channels"])
-            secs = time_steps({impl: model}, x, args.scaling_repeats)[impl]
-            mem = measure_memory(impl, cfg, 1, m_len)
+            x = torch.randn(SCALING_BATCH, m_len, cfg["input_channels"])
+            # the Perceiver's steps are short and noisier: more repeats for a stable median
+            repeats = args.scaling_repeats * (3 if impl == "ours" else 1)
+            secs = time_steps({impl: model}, x, repeats)[impl]
+            mem = measure_memory(impl, cfg, SCALING_BATCH, m_len)
             rows.append({"impl": impl, "length": m_len, "seconds": secs, "peak_memory_mib": mem})
             if impl == "transformer" and secs > args.transformer_cap_seconds:
                 skip_transformer = True  # the next doubling would take ~4x longer
     fits = {}
     for impl in ("ours", "transformer"):
         r = [row for row in rows if row["impl"] == impl]
-        # fit on lengths >= 4k, where fixed per-step costs no longer dominate
-        big = [row for row in r if row["length"] >= 4096] or r
+        # fit on lengths >= 8k, where the fixed per-step cost (the latent transformer) no longer dominates
+        big = [row for row in r if row["length"] >= 8192] or r
         fits[impl] = {
             "time_slope": slope([row["length"] for row in big], [row["seconds"] for row in big]),
             "memory_slope": slope([row["length"] for row in big], [max(row["peak_memory_mib"], 1e-3) for row in big]),
@@ -241,9 +299,11 @@ def run_scaling(args) -> dict:
     for row in rows:
         print(f"{row['impl']:<13}{row['length']:>8}{row['seconds']:>10.3f}{row['peak_memory_mib']:>10.0f}")
     for impl, fit in fits.items():
-        print(f"{impl}: log-log slope time {fit['time_slope']:.2f}, memory {fit['memory_slope']:.2f} "
-              f"(fitted on M in {fit['lengths_fitted']})")
-    return {"config": cfg, "rows": rows, "fits": fits, "threads": torch.get_num_threads()}
+        print(
+            f"{impl}: log-log slope time {fit['time_slope']:.2f}, memory {fit['memory_slope']:.2f} "
+            f"(fitted on M in {fit['lengths_fitted']})"
+        )
+    return {"config": cfg, "batch": SCALING_BATCH, "rows": rows, "fits": fits, "threads": torch.get_num_threads()}
 
 
 def plot_scaling(rows, fits, path: Path) -> None:
@@ -253,11 +313,16 @@ def plot_scaling(rows, fits, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "seconds", "seconds per training step"), (axes[1], "peak_memory_mib", "peak memory (MiB)")):
+    for ax, key, label in (
+        (axes[0], "seconds", "seconds per training step"),
+        (axes[1], "peak_memory_mib", "peak memory (MiB)"),
+    ):
         for impl, name in (("ours", "Perceiver encoder (64 latents)"), ("transformer", "Transformer encoder")):
             r = [row for row in rows if row["impl"] == impl]
             s = fits[impl]["time_slope" if key == "seconds" else "memory_slope"]
-            ax.loglog([row["length"] for row in r], [max(row[key], 1e-3) for row in r], "o-", label=f"{name}, slope {s:.2f}")
+            ax.loglog(
+                [row["length"] for row in r], [max(row[key], 1e-3) for row in r], "o-", label=f"{name}, slope {s:.2f}"
+            )
         ax.set_xlabel("input length M")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -273,8 +338,12 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", choices=list(PEER_CONFIGS), default=list(PEER_CONFIGS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scaling-repeats", type=int, default=3)
-    p.add_argument("--transformer-cap-seconds", type=float, default=20.0,
-                   help="stop growing the transformer's input once one step takes longer than this")
+    p.add_argument(
+        "--transformer-cap-seconds",
+        type=float,
+        default=20.0,
+        help="stop growing the transformer's input once one step takes longer than this",
+    )
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:

@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -37,6 +36,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "tests"))  # the open-flamingo helpers shared with the parity tests
+
+from vlm_helpers import import_open_flamingo, openflamingo_greedy  # noqa: E402
 
 # Scaled-down shapes of the released OpenFlamingo models: what matters for the comparison is the vision width
 # relative to the LM width (ViT-L/14 is 1024 wide; the 3B LM 2048, the 9B LM 4096) and how often
@@ -45,22 +47,6 @@ CONFIGS = {
     "3b-shape": dict(vision_width=384, vision_layers=4, lm_width=768, lm_layers=6, cross_attn_every=1),
     "9b-shape": dict(vision_width=192, vision_layers=4, lm_width=768, lm_layers=8, cross_attn_every=4),
 }
-
-
-def import_open_flamingo():
-    """The reference package (installed with --no-deps); `einops_exts.rearrange_many` is its only
-    import-time helper that may be missing, and is provided from einops when it is."""
-    try:
-        import einops_exts  # noqa: F401
-    except ImportError:
-        from einops import rearrange
-
-        shim = types.ModuleType("einops_exts")
-        shim.rearrange_many = lambda tensors, pattern, **kw: tuple(rearrange(t, pattern, **kw) for t in tensors)
-        sys.modules["einops_exts"] = shim
-    import open_flamingo
-
-    return open_flamingo
 
 
 def build_components(args, shape: dict, directory: Path) -> dict:
@@ -124,26 +110,6 @@ def make_batch(tok, batch: int, shots: int, image_size: int, seed: int = 0):
     labels[labels == tok.convert_tokens_to_ids("<image>")] = -100
     gen = tok(prompt, return_tensors="pt")
     return vision_x, train.input_ids, train.attention_mask, labels, gen.input_ids, gen.attention_mask
-
-
-def reference_greedy(ref, vision_x, input_ids, attention_mask, new_tokens: int) -> torch.Tensor:
-    """What OpenFlamingo's `generate` runs (vision encoded once, LM KV cache), greedy, `<image>` suppressed."""
-    ref.lang_encoder._use_cached_vision_x = True
-    ref._encode_vision_x(vision_x=vision_x)
-    try:
-        ids, mask, past, step_ids = input_ids, attention_mask, None, input_ids
-        for _ in range(new_tokens):
-            out = ref.lang_encoder(input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True)
-            logits = out.logits[:, -1]
-            logits[:, ref.media_token_id] = -float("inf")
-            step_ids = logits.argmax(-1, keepdim=True)
-            past = out.past_key_values
-            ids = torch.cat([ids, step_ids], dim=1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        return ids
-    finally:
-        ref.lang_encoder.clear_conditioned_layers()
-        ref.lang_encoder._use_cached_vision_x = False
 
 
 def ours_greedy(model, vision_x, input_ids, attention_mask, new_tokens: int) -> torch.Tensor:
@@ -214,7 +180,7 @@ def run_config(name: str, shape: dict, args) -> dict:
             max_diff = diff.abs().max().item()
         same_tokens = torch.equal(
             ours_greedy(ours, vision_x, gen_ids, gen_mask, args.new_tokens),
-            reference_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens),
+            openflamingo_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens),
         )
         print(f"max |logits ours - OpenFlamingo| = {max_diff:.2e}; identical greedy tokens: {same_tokens}")
 
@@ -232,7 +198,7 @@ def run_config(name: str, shape: dict, args) -> dict:
             gen = time_interleaved(
                 {
                     "ours": lambda: ours_greedy(ours, vision_x, gen_ids, gen_mask, args.new_tokens),
-                    "openflamingo": lambda: reference_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens),
+                    "openflamingo": lambda: openflamingo_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens),
                 },
                 args.repeats,
                 "generation",

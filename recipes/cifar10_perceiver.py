@@ -31,13 +31,13 @@ from recipes.common import (  # noqa: E402
     base_parser,
     check_args,
     command_line,
-    count_parameters,
-    plot_curves,
     print_table,
-    save_json,
+    results_header,
     seed_everything,
     torch_threads,
     train_under_budget,
+    training_record,
+    write_results,
 )
 
 OURS = "perceiver (this project)"
@@ -233,18 +233,14 @@ def run(args, command: str) -> dict:
     )
 
     builders = {OURS: build_ours, BASELINE: build_baseline}
-    results: dict = {
-        "recipe": "cifar10_perceiver",
-        "command": command,
-        "data": str(args.data),
-        "budget_cpu_seconds": args.budget_cpu_seconds,
-        "threads": args.threads,
-        "num_train": len(data["train_x"]),
-        "num_test": len(data["test_x"]),
-        "classes": classes,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "models": {},
-    }
+    results = results_header(
+        "cifar10_perceiver",
+        command,
+        args,
+        num_train=len(data["train_x"]),
+        num_test=len(data["test_x"]),
+        classes=classes,
+    )
     for name in args.models:
         seed_everything(args.seed)
         model = builders[name](args, len(classes))
@@ -261,16 +257,9 @@ def run(args, command: str) -> dict:
             progress=not args.no_progress,
         )
         test_acc = accuracy(model, data["test_x"], data["test_y"], norm)
-        results["models"][name] = {
-            "parameters": count_parameters(model),
-            "test_accuracy": test_acc,
-            "train_steps": trained.steps,
-            "train_images": trained.examples,
-            "epochs": trained.examples / len(data["train_x"]),
-            "train_cpu_seconds": round(trained.cpu_seconds, 1),
-            "train_wall_seconds": round(trained.wall_seconds, 1),
-            "curve": trained.curve,
-        }
+        record = training_record(model, trained, "train_images", test_accuracy=test_acc)
+        record["epochs"] = trained.examples / len(data["train_x"])
+        results["models"][name] = {**record, "curve": trained.curve}
 
     rows = [
         [
@@ -287,18 +276,16 @@ def run(args, command: str) -> dict:
     results["table"] = print_table(
         ["model", "params", "train CPU-s", "steps", "epochs", f"test acc ({len(data['test_x'])} images)"], rows
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_json(args.out / "results.json", results)
     curves = {n: r["curve"] for n, r in results["models"].items()}
-    plot_curves(
-        args.out / "curves.png",
+    write_results(
+        args.out,
+        results,
         [
             ("train_loss", curves, "training loss (running mean)"),
             ("test_subset_accuracy", curves, f"accuracy on {len(curve_x)} test images"),
         ],
         f"CIFAR-10, {args.budget_cpu_seconds:g} CPU-s per model, {args.threads} thread(s)",
     )
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'curves.png'}")
     return results
 
 

@@ -213,6 +213,40 @@ def plot_curves(path: Path, panels: list[tuple[str, dict[str, list[dict[str, flo
     plt.close(fig)
 
 
+def results_header(recipe: str, command: str, args: argparse.Namespace, **facts: Any) -> dict:
+    """The top of a recipe's results.json: what ran, on what data, with which budget and settings."""
+    return {
+        "recipe": recipe,
+        "command": command,
+        "data": str(args.data),
+        "budget_cpu_seconds": args.budget_cpu_seconds,
+        "threads": args.threads,
+        **facts,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "models": {},
+    }
+
+
+def training_record(model: nn.Module, trained: TrainResult, examples_name: str, **scores: Any) -> dict:
+    """One model's entry in results.json: its scores, then what its training budget bought."""
+    return {
+        "parameters": count_parameters(model),
+        **scores,
+        "train_steps": trained.steps,
+        examples_name: trained.examples,
+        "train_cpu_seconds": round(trained.cpu_seconds, 1),
+        "train_wall_seconds": round(trained.wall_seconds, 1),
+    }
+
+
+def write_results(out: Path, results: dict, panels: list, title: str) -> None:
+    """results.json and the learning-curve plot (``panels`` as in :func:`plot_curves`) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "results.json", results)
+    plot_curves(out / "curves.png", panels, title)
+    print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
+
+
 def command_line(argv: Optional[list[str]]) -> str:
     args = sys.argv[1:] if argv is None else argv
     script = os.path.relpath(sys.modules["__main__"].__file__ or "", os.getcwd()) if argv is None else "<main(argv)>"

@@ -29,13 +29,13 @@ from recipes.common import (  # noqa: E402
     base_parser,
     check_args,
     command_line,
-    count_parameters,
-    plot_curves,
     print_table,
-    save_json,
+    results_header,
     seed_everything,
     torch_threads,
     train_under_budget,
+    training_record,
+    write_results,
 )
 
 OURS = "perceiver-ar"
@@ -220,19 +220,15 @@ def run(args, command: str) -> dict:
         logits = model(batch[:, :-1])  # every position
         return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
-    results: dict = {
-        "recipe": "shakespeare_ar",
-        "command": command,
-        "data": str(args.data),
-        "budget_cpu_seconds": args.budget_cpu_seconds,
-        "threads": args.threads,
-        "num_train_chars": len(train),
-        "num_val_chars": len(val),
-        "vocab_size": tok.vocab_size,
-        "sample_prompt": prompt_text,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "models": {},
-    }
+    results = results_header(
+        "shakespeare_ar",
+        command,
+        args,
+        num_train_chars=len(train),
+        num_val_chars=len(val),
+        vocab_size=tok.vocab_size,
+        sample_prompt=prompt_text,
+    )
     for name in args.models:
         seed_everything(args.seed)
         model = build(name)
@@ -255,17 +251,14 @@ def run(args, command: str) -> dict:
         for p in trained.curve:
             if "train_loss" in p:
                 p["train_bpc"] = p["train_loss"] / math.log(2)
-        results["models"][name] = {
-            "parameters": count_parameters(model),
-            "val_bits_per_char": score["bits_per_char"],
-            "val_chars_scored": score["chars_scored"],
-            "train_steps": trained.steps,
-            "train_sequences": trained.examples,
-            "train_cpu_seconds": round(trained.cpu_seconds, 1),
-            "train_wall_seconds": round(trained.wall_seconds, 1),
-            "sample": tok.decode(sample[0]),
-            "curve": trained.curve,
-        }
+        record = training_record(
+            model,
+            trained,
+            "train_sequences",
+            val_bits_per_char=score["bits_per_char"],
+            val_chars_scored=score["chars_scored"],
+        )
+        results["models"][name] = {**record, "sample": tok.decode(sample[0]), "curve": trained.curve}
 
     rows = [
         [
@@ -282,18 +275,16 @@ def run(args, command: str) -> dict:
     for name, r in results["models"].items():
         print(f"\n--- {name} sample (T={args.temperature}, top-p={args.top_p}) ---\n{r['sample']}")
     print(f"\n(the first {len(prompt_text)} characters of each sample are the prompt)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_json(args.out / "results.json", results)
     curves = {n: r["curve"] for n, r in results["models"].items()}
-    plot_curves(
-        args.out / "curves.png",
+    write_results(
+        args.out,
+        results,
         [
             ("train_bpc", curves, "training loss, bits/char (running mean)"),
             ("val_subset_bpc", curves, f"validation bits/char ({len(curve_val):,} chars)"),
         ],
         f"tiny Shakespeare, {args.budget_cpu_seconds:g} CPU-s per model, {args.threads} thread(s)",
     )
-    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'curves.png'}")
     return results
 
 

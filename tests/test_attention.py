@@ -35,8 +35,13 @@ def naive_attention(mha: MultiHeadAttention, x_q, x_kv, mask=None):
 @pytest.mark.parametrize("masked", [False, True])
 def test_sdpa_matches_naive_values_and_gradients(qk_layernorm, masked):
     mha = MultiHeadAttention(
-        num_heads=4, num_q_input_channels=24, num_kv_input_channels=20, qk_channels=32, v_channels=16,
-        output_channels=12, qk_layernorm=qk_layernorm,
+        num_heads=4,
+        num_q_input_channels=24,
+        num_kv_input_channels=20,
+        qk_channels=32,
+        v_channels=16,
+        output_channels=12,
+        qk_layernorm=qk_layernorm,
     ).double()
     x_q = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
     x_kv = torch.randn(3, 11, 20, dtype=torch.float64, requires_grad=True)

@@ -19,8 +19,12 @@ from perceiver.position import FourierPositionEncoding
 
 def enc_cfg(c_in, **kw):
     return EncoderConfig(
-        num_input_channels=c_in, num_latents=8, num_latent_channels=16, num_self_attention_heads=2,
-        num_self_attends_per_block=2, **kw,
+        num_input_channels=c_in,
+        num_latents=8,
+        num_latent_channels=16,
+        num_self_attention_heads=2,
+        num_self_attends_per_block=2,
+        **kw,
     )
 
 

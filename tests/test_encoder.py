@@ -16,8 +16,13 @@ from perceiver.encoder import LatentBlock
 
 def small_config(**kw) -> EncoderConfig:
     base = dict(
-        num_input_channels=12, num_latents=8, num_latent_channels=16, num_cross_attention_heads=2,
-        num_self_attention_heads=4, num_self_attends_per_block=2, num_blocks=2,
+        num_input_channels=12,
+        num_latents=8,
+        num_latent_channels=16,
+        num_cross_attention_heads=2,
+        num_self_attention_heads=4,
+        num_self_attends_per_block=2,
+        num_blocks=2,
     )
     base.update(kw)
     return EncoderConfig(**base)
@@ -98,8 +103,14 @@ def test_shared_block_is_applied_num_blocks_times():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(num_self_attention_heads=3), "num_self_attention_qk_channels=16 \\(defaulted\\) is not divisible by num_self_attention_heads=3"),
-        (dict(num_cross_attention_qk_channels=10, num_cross_attention_heads=4), "num_cross_attention_qk_channels=10 is not divisible"),
+        (
+            dict(num_self_attention_heads=3),
+            "num_self_attention_qk_channels=16 \\(defaulted\\) is not divisible by num_self_attention_heads=3",
+        ),
+        (
+            dict(num_cross_attention_qk_channels=10, num_cross_attention_heads=4),
+            "num_cross_attention_qk_channels=10 is not divisible",
+        ),
         (dict(num_cross_attends=3), "num_cross_attends=3 cannot exceed num_blocks=2"),
         (dict(weight_sharing="some"), "weight_sharing must be one of"),
         (dict(num_latents=0), "num_latents must be a positive int, got 0"),

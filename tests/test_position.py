@@ -30,7 +30,9 @@ def direct_fourier(index_dims, num_bands, max_resolution, concat_pos=True, sine_
 
 @pytest.mark.parametrize("concat_pos,sine_only", [(True, False), (False, False), (True, True)])
 def test_fourier_features_match_direct_formula(concat_pos, sine_only):
-    enc = FourierPositionEncoding((5, 7), num_bands=4, max_resolution=(10, 12), concat_pos=concat_pos, sine_only=sine_only)
+    enc = FourierPositionEncoding(
+        (5, 7), num_bands=4, max_resolution=(10, 12), concat_pos=concat_pos, sine_only=sine_only
+    )
     ref = direct_fourier((5, 7), 4, (10, 12), concat_pos, sine_only)
     assert enc.num_channels == ref.shape[1]
     assert_close(enc(2)[1], ref, atol=1e-5, rtol=1e-5)

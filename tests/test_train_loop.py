@@ -117,6 +117,19 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(cache, tmp_path, froze
     assert any(n.startswith("lang_encoder.model.layers.0.decoder_layer.") for n in saved) != frozen
 
 
+def test_data_workers_see_the_same_samples_and_resume_exactly(cache, tmp_path):
+    """data.num_workers=2: same losses as loading in the main process, also across a stop and resume."""
+    steps = ["run.max_steps=6", "checkpoint.every_steps=3"]
+    reference, _ = run_training(small_config(cache, tmp_path / "a", *steps))
+    workers = [*steps, "data.num_workers=2"]
+    first, _ = run_training(small_config(cache, tmp_path / "b", *workers, "checkpoint.stop_at_step=3"))
+    resumed, trainer = run_training(small_config(cache, tmp_path / "b", *workers))
+    assert trainer.resumed_from.name == "step_00000003"
+    expected = [reference.losses[s] for s in range(1, 7)]
+    got = [first.losses[s] for s in range(1, 4)] + [resumed.losses[s] for s in range(4, 7)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-6)
+
+
 def test_resume_never_refuses_an_existing_run(cache, tmp_path):
     from training.config import ConfigError
 

@@ -167,6 +167,31 @@ def import_open_flamingo():
     return open_flamingo
 
 
+def openflamingo_greedy(ref, vision_x, input_ids, attention_mask, new_tokens: int):
+    """Greedy decoding with an ``open-flamingo`` model, as its ``generate`` runs it.
+
+    Its ``generate`` does not run on transformers 5.x (``FlamingoLMMixin.forward`` requires ``attention_mask``
+    positionally, which the generation prefill does not pass), so this is the loop it delegates to: images
+    encoded once, then the LM called token by token with its KV cache; ``<image>`` is never chosen.
+    """
+    ref.lang_encoder._use_cached_vision_x = True
+    ref._encode_vision_x(vision_x=vision_x)
+    try:
+        ids, mask, past, step_ids = input_ids, attention_mask, None, input_ids
+        for _ in range(new_tokens):
+            out = ref.lang_encoder(input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            logits = out.logits[:, -1]
+            logits[:, ref.media_token_id] = -float("inf")
+            step_ids = logits.argmax(-1, keepdim=True)
+            past = out.past_key_values
+            ids = torch.cat([ids, step_ids], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        return ids
+    finally:
+        ref.lang_encoder.clear_conditioned_layers()
+        ref.lang_encoder._use_cached_vision_x = False
+
+
 def filter_state_dict_like_openflamingo(of_model, state_dict: dict) -> dict:
     """What OpenFlamingo's training loop saves (``train_utils.filter_state_dict_to_trainable``).
 

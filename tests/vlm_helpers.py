@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -177,13 +178,23 @@ def openflamingo_greedy(ref, vision_x, input_ids, attention_mask, new_tokens: in
     ref.lang_encoder._use_cached_vision_x = True
     ref._encode_vision_x(vision_x=vision_x)
     try:
+        # transformers 5.x names the KV cache argument/output `cache` (older versions `past_key_values`)
+        cache_arg = next(
+            (
+                "cache"
+                for cls in type(ref.lang_encoder).__mro__
+                if "forward" in vars(cls) and "cache" in inspect.signature(cls.forward).parameters
+            ),
+            None,
+        )
         ids, mask, past, step_ids = input_ids, attention_mask, None, input_ids
         for _ in range(new_tokens):
-            out = ref.lang_encoder(input_ids=step_ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            kw = {cache_arg or "past_key_values": past}
+            out = ref.lang_encoder(input_ids=step_ids, attention_mask=mask, use_cache=True, **kw)
             logits = out.logits[:, -1]
             logits[:, ref.media_token_id] = -float("inf")
             step_ids = logits.argmax(-1, keepdim=True)
-            past = out.past_key_values
+            past = out["cache"] if "cache" in out else out.past_key_values
             ids = torch.cat([ids, step_ids], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         return ids

@@ -32,43 +32,14 @@ from tqdm import tqdm
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Named configurations; every implementation gets the same one. (batch, input length M, model sizes)
+_BASE = dict(num_latents=256, latent_channels=512, cross_heads=1, self_heads=8)
 PEER_CONFIGS = {
     # latent transformer dominates: matmul-bound, all implementations do the same GEMMs
-    "latent-heavy": dict(
-        batch=4,
-        length=4096,
-        input_channels=64,
-        num_latents=256,
-        latent_channels=512,
-        cross_heads=1,
-        self_heads=8,
-        self_attends=6,
-        widening=4,
-    ),
+    "latent-heavy": dict(_BASE, batch=4, length=4096, input_channels=64, self_attends=6, widening=4),
     # long input: the cross-attention over M dominates, where fused attention pays off
-    "long-input": dict(
-        batch=2,
-        length=32768,
-        input_channels=64,
-        num_latents=256,
-        latent_channels=512,
-        cross_heads=1,
-        self_heads=8,
-        self_attends=2,
-        widening=1,
-    ),
+    "long-input": dict(_BASE, batch=2, length=32768, input_channels=64, self_attends=2, widening=1),
     # 128x128 image with 64-band Fourier features (261 channels) as raw-pixel Perceiver input
-    "image-128-fourier": dict(
-        batch=2,
-        length=16384,
-        input_channels=261,
-        num_latents=256,
-        latent_channels=512,
-        cross_heads=1,
-        self_heads=8,
-        self_attends=2,
-        widening=1,
-    ),
+    "image-128-fourier": dict(_BASE, batch=2, length=16384, input_channels=261, self_attends=2, widening=1),
 }
 
 

@@ -25,9 +25,7 @@ def key_padding_to_attn_mask(key_padding_mask: Optional[Tensor]) -> Optional[Ten
     if key_padding_mask is None:
         return None
     if key_padding_mask.dim() != 2:
-        raise ValueError(
-            f"key padding mask must be (batch, num_keys), got shape {tuple(key_padding_mask.shape)}"
-        )
+        raise ValueError(f"key padding mask must be (batch, num_keys), got shape {tuple(key_padding_mask.shape)}")
     return key_padding_mask.bool()[:, None, None, :]
 
 
@@ -138,9 +136,7 @@ def causal_mask(num_q: int, num_kv: int, device=None) -> Tensor:
     return kv_idx <= q_idx + offset
 
 
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool, dropout_p: float
-) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool, dropout_p: float) -> Tensor:
     """SDPA with the project's mask convention; rows with no visible key give zeros."""
     if is_causal and attn_mask is None and q.shape[-2] == k.shape[-2]:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

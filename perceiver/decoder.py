@@ -50,7 +50,9 @@ class TrainableQueryProvider(PositionQueryProvider):
 class FourierQueryProvider(PositionQueryProvider):
     """Fourier features of the output grid ``index_dims`` as queries (e.g. dense per-pixel decoding)."""
 
-    def __init__(self, index_dims: Sequence[int], num_bands: int, max_resolution=None, concat_pos=True, sine_only=False):
+    def __init__(
+        self, index_dims: Sequence[int], num_bands: int, max_resolution=None, concat_pos=True, sine_only=False
+    ):
         super().__init__(FourierPositionEncoding(index_dims, num_bands, max_resolution, concat_pos, sine_only))
 
 

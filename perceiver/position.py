@@ -39,7 +39,9 @@ def fourier_features(
         [torch.linspace(1.0, res / 2.0, num_bands, device=pos.device, dtype=torch.float32) for res in max_resolution]
     )  # (D, K)
     per_pos = (pos.float()[..., :, None] * freqs).flatten(-2)  # (..., D*K)
-    feats = [torch.sin(math.pi * per_pos)] if sine_only else [torch.sin(math.pi * per_pos), torch.cos(math.pi * per_pos)]
+    feats = (
+        [torch.sin(math.pi * per_pos)] if sine_only else [torch.sin(math.pi * per_pos), torch.cos(math.pi * per_pos)]
+    )
     if concat_pos:
         feats.insert(0, pos.float())
     return torch.cat(feats, dim=-1).to(pos.dtype if pos.is_floating_point() else torch.float32)

@@ -44,6 +44,8 @@ from vlm_helpers import import_open_flamingo, openflamingo_greedy  # noqa: E402
 # relative to the LM width (ViT-L/14 is 1024 wide; the 3B LM 2048, the 9B LM 4096) and how often
 # cross-attention is inserted. Resampler and cross-attention sizes are OpenFlamingo's defaults in both.
 CONFIGS = {
+    # tiny components as in the tests: per-step overheads dominate
+    "tiny": dict(vision_width=64, vision_layers=2, lm_width=64, lm_layers=2, cross_attn_every=1),
     "3b-shape": dict(vision_width=384, vision_layers=4, lm_width=768, lm_layers=6, cross_attn_every=1),
     "9b-shape": dict(vision_width=192, vision_layers=4, lm_width=768, lm_layers=8, cross_attn_every=4),
 }

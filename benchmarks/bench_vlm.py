@@ -162,7 +162,39 @@ def main() -> None:
         results["configs"][name] = run_config(name, CONFIGS[name], args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Bars: time of a training step and of generating the tokens, per shape, ours next to OpenFlamingo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["configs"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, speedup, title in (
+        (axes[0], "train_step_s", "train_speedup", "training step (forward + backward)"),
+        (axes[1], "generate_s", "generate_speedup", "greedy generation"),
+    ):
+        xs = range(len(names))
+        ours = [results["configs"][n][key]["ours"] for n in names]
+        ref = [results["configs"][n][key]["openflamingo"] for n in names]
+        ax.bar([x - 0.2 for x in xs], ours, width=0.4, label="this project")
+        ax.bar([x + 0.2 for x in xs], ref, width=0.4, label="open-flamingo")
+        for x, n in zip(xs, names):
+            ax.annotate(f"{results['configs'][n][speedup]:.2f}x", (x, max(ours[x], ref[x])), ha="center", va="bottom")
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("seconds")
+        ax.set_title(title)
+        ax.set_ylim(0, 1.2 * max(ours + ref))
+        ax.legend(loc="upper left")
+    fig.suptitle(f"Flamingo vs open-flamingo, same weights ({results['threads']} CPU threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_config(name: str, shape: dict, args) -> dict:

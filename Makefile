@@ -19,6 +19,7 @@ test-quick:
 
 bench: install
 	$(PYTHON) benchmarks/bench_encoder.py
+	$(PYTHON) benchmarks/bench_vlm.py
 
 lint:
 	ruff check . && ruff format --check .

@@ -208,7 +208,8 @@ def run_config(name: str, shape: dict, args) -> dict:
             raise RuntimeError("the two tokenizers disagree on the benchmark text")
 
         # Same function: logits and greedy tokens agree before anything is timed.
-        ours.eval(), ref.eval()
+        for model in (ours, ref):
+            model.eval()
         with torch.no_grad():
             diff = ours(vision_x, ids, attention_mask=mask).logits - ref(vision_x, ids, attention_mask=mask).logits
             max_diff = diff.abs().max().item()
@@ -217,8 +218,11 @@ def run_config(name: str, shape: dict, args) -> dict:
             openflamingo_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens),
         )
         print(f"max |logits ours - OpenFlamingo| = {max_diff:.2e}; identical greedy tokens: {same_tokens}")
+        if max_diff > 1e-4 or not same_tokens:
+            raise RuntimeError("the two models do not compute the same function; timings would not be comparable")
 
-        ours.train(), ref.train()
+        for model in (ours, ref):
+            model.train()
         train = time_interleaved(
             {
                 "ours": lambda: train_step(ours, vision_x, ids, mask, labels),
@@ -227,7 +231,8 @@ def run_config(name: str, shape: dict, args) -> dict:
             args.repeats,
             "training step",
         )
-        ours.eval(), ref.eval()
+        for model in (ours, ref):
+            model.eval()
         with torch.no_grad():
             gen = time_interleaved(
                 {

@@ -3,12 +3,22 @@
 Mask convention everywhere: boolean, ``True`` = may attend / is valid (see ``perceiver.attention``).
 """
 
+from . import modalities
 from .adapters import (
     ArrayInputAdapter,
     ClassificationOutputAdapter,
     IdentityInputAdapter,
     InputAdapter,
     OutputAdapter,
+)
+from .ar import (
+    PerceiverAR,
+    PerceiverARCache,
+    PerceiverARConfig,
+    RotaryPositionEmbedding,
+    sample_next_token,
+    top_k_filter,
+    top_p_filter,
 )
 from .attention import (
     MLP,
@@ -28,6 +38,8 @@ from .decoder import (
     TrainableQueryProvider,
 )
 from .encoder import PerceiverEncoder
+from .hf import ConvertedPerceiver, from_pretrained, from_transformers
+from .modalities import *  # noqa: F403  (re-exports every modality adapter; the list is modalities.__all__)
 from .model import Perceiver, PerceiverIO
 from .position import (
     FourierPositionEncoding,
@@ -40,6 +52,7 @@ from .resampler import PerceiverResampler
 __all__ = [
     "ArrayInputAdapter",
     "ClassificationOutputAdapter",
+    "ConvertedPerceiver",
     "CrossAttentionLayer",
     "DecoderConfig",
     "EncoderConfig",
@@ -52,95 +65,26 @@ __all__ = [
     "MultiHeadAttention",
     "OutputAdapter",
     "Perceiver",
+    "PerceiverAR",
+    "PerceiverARCache",
+    "PerceiverARConfig",
     "PerceiverDecoder",
     "PerceiverEncoder",
     "PerceiverIO",
     "PerceiverResampler",
     "PositionQueryProvider",
     "QueryProvider",
+    "RotaryPositionEmbedding",
     "SelfAttentionLayer",
     "TrainablePositionEncoding",
     "TrainableQueryProvider",
     "build_linear_positions",
     "causal_mask",
     "fourier_features",
+    "from_pretrained",
+    "from_transformers",
     "key_padding_to_attn_mask",
-]
-
-from .ar import (  # noqa: E402
-    PerceiverAR,
-    PerceiverARCache,
-    PerceiverARConfig,
-    RotaryPositionEmbedding,
-    sample_next_token,
-    top_k_filter,
-    top_p_filter,
-)
-
-__all__ += [
-    "PerceiverAR",
-    "PerceiverARCache",
-    "PerceiverARConfig",
-    "RotaryPositionEmbedding",
     "sample_next_token",
     "top_k_filter",
     "top_p_filter",
-]
-
-from .hf import ConvertedPerceiver, from_pretrained, from_transformers  # noqa: E402
-from .modalities import (  # noqa: E402
-    AudioInputAdapter,
-    AudioOutputAdapter,
-    BytesTokenizer,
-    ConvDownsample,
-    DenseOutputAdapter,
-    GridPositionFeatures,
-    GridQueryProvider,
-    ImageInputAdapter,
-    LabelInputAdapter,
-    MaskedLMOutputAdapter,
-    MultimodalInputAdapter,
-    MultimodalOutputAdapter,
-    MultimodalPerceiverIO,
-    MultimodalQueryProvider,
-    OpticalFlowInputAdapter,
-    OpticalFlowOutputAdapter,
-    OpticalFlowQueryProvider,
-    PointCloudInputAdapter,
-    TextInputAdapter,
-    VideoInputAdapter,
-    VideoOutputAdapter,
-    VideoQueryProvider,
-    extract_flow_patches,
-    space_to_depth,
-)
-
-__all__ += [
-    "AudioInputAdapter",
-    "AudioOutputAdapter",
-    "BytesTokenizer",
-    "ConvDownsample",
-    "ConvertedPerceiver",
-    "DenseOutputAdapter",
-    "GridPositionFeatures",
-    "GridQueryProvider",
-    "ImageInputAdapter",
-    "LabelInputAdapter",
-    "MaskedLMOutputAdapter",
-    "MultimodalInputAdapter",
-    "MultimodalOutputAdapter",
-    "MultimodalPerceiverIO",
-    "MultimodalQueryProvider",
-    "OpticalFlowInputAdapter",
-    "OpticalFlowOutputAdapter",
-    "OpticalFlowQueryProvider",
-    "PointCloudInputAdapter",
-    "TextInputAdapter",
-    "VideoInputAdapter",
-    "VideoOutputAdapter",
-    "VideoQueryProvider",
-    "extract_flow_patches",
-    "from_pretrained",
-    "from_transformers",
-    "space_to_depth",
-]
+] + modalities.__all__

@@ -1,8 +1,7 @@
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from fourier_reference import direct_fourier, grid_coords
 from torch.testing import assert_close
 
 from perceiver import (
@@ -41,26 +40,6 @@ from perceiver.modalities import (
     same_padding,
     space_to_depth,
 )
-
-
-def direct_fourier(coords, num_bands, max_resolution, concat_pos=True, sine_only=False):
-    """Official layout written out per point: [x_d] + [sin(pi f_dk x_d)]_{d,k} + [cos(pi f_dk x_d)]_{d,k}."""
-    rows = []
-    for x in coords:
-        sins, coss = [], []
-        for d, res in enumerate(max_resolution):
-            for k in range(num_bands):
-                f = 1.0 + k * (res / 2 - 1.0) / (num_bands - 1)
-                sins.append(math.sin(math.pi * f * x[d]))
-                coss.append(math.cos(math.pi * f * x[d]))
-        rows.append((list(x) if concat_pos else []) + sins + ([] if sine_only else coss))
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def grid_coords(*dims):
-    axes = [[-1 + 2 * i / (n - 1) if n > 1 else -1.0 for i in range(n)] for n in dims]
-    idx = torch.cartesian_prod(*[torch.arange(n) for n in dims]).reshape(-1, len(dims)).tolist()
-    return [[axes[d][i] for d, i in enumerate(ix)] for ix in idx]
 
 
 def small_encoder(width, latents=4, channels=16):
@@ -501,3 +480,14 @@ def test_optical_flow_model():
     pre = OpticalFlowInputAdapter((6, 8), out_channels=8, num_bands=4, extract_patches=False)
     pre.load_state_dict(adapter.state_dict())
     assert_close(pre(extract_flow_patches(frames)), adapter(frames))
+
+
+def test_added_positions_must_match_the_feature_width():
+    with pytest.raises(ValueError, match=r"position channels \(9\) == samples_per_patch \(8\)"):
+        AudioInputAdapter(num_samples=64, samples_per_patch=8, concat_or_add_pos="add", num_bands=4)
+    with pytest.raises(ValueError, match=r"position channels \(18\) == feature channels \(3\)"):
+        ImageInputAdapter((8, 8), 3, prep_type="pixels", concat_or_add_pos="add", num_bands=4)
+    # concatenated: features + 1 coordinate + sin/cos of 4 bands per axis
+    assert AudioInputAdapter(num_samples=64, samples_per_patch=8, num_bands=4).num_input_channels == 8 + 1 + 8
+    added = ImageInputAdapter((8, 8), 18, prep_type="pixels", concat_or_add_pos="add", num_bands=4)
+    assert added.num_input_channels == 18 and added(torch.randn(2, 18, 8, 8)).shape == (2, 64, 18)

@@ -1,7 +1,6 @@
-import math
-
 import pytest
 import torch
+from fourier_reference import direct_fourier, grid_coords
 from torch.testing import assert_close
 
 from perceiver.position import (
@@ -12,28 +11,12 @@ from perceiver.position import (
 )
 
 
-def direct_fourier(index_dims, num_bands, max_resolution, concat_pos=True, sine_only=False):
-    """The official layout written out with loops: [pos_d] + [sin(pi f_dk x_d)]_{d,k} + [cos ...]_{d,k}."""
-    rows = []
-    grids = [[-1 + 2 * i / (n - 1) for i in range(n)] for n in index_dims]
-    for idx in torch.cartesian_prod(*[torch.arange(n) for n in index_dims]).reshape(-1, len(index_dims)).tolist():
-        x = [grids[d][i] for d, i in enumerate(idx)]
-        sins, coss = [], []
-        for d, res in enumerate(max_resolution):
-            for k in range(num_bands):
-                f = 1.0 + k * (res / 2 - 1.0) / (num_bands - 1)
-                sins.append(math.sin(math.pi * f * x[d]))
-                coss.append(math.cos(math.pi * f * x[d]))
-        rows.append((x if concat_pos else []) + sins + ([] if sine_only else coss))
-    return torch.tensor(rows, dtype=torch.float32)
-
-
 @pytest.mark.parametrize("concat_pos,sine_only", [(True, False), (False, False), (True, True)])
 def test_fourier_features_match_direct_formula(concat_pos, sine_only):
     enc = FourierPositionEncoding(
         (5, 7), num_bands=4, max_resolution=(10, 12), concat_pos=concat_pos, sine_only=sine_only
     )
-    ref = direct_fourier((5, 7), 4, (10, 12), concat_pos, sine_only)
+    ref = direct_fourier(grid_coords(5, 7), 4, (10, 12), concat_pos, sine_only)
     assert enc.num_channels == ref.shape[1]
     assert_close(enc(2)[1], ref, atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,15 @@ from typing import Literal, Optional, Union
 from torch import Tensor, nn
 
 from ..adapters import InputAdapter, OutputAdapter
-from .common import GridPositionFeatures, PositionKind, Resolution, check_choice, check_positive, combine_positions
+from .common import (
+    GridPositionFeatures,
+    PositionKind,
+    Resolution,
+    check_choice,
+    check_positive,
+    combine_positions,
+    combined_channels,
+)
 
 
 class AudioInputAdapter(InputAdapter):
@@ -56,13 +64,9 @@ class AudioInputAdapter(InputAdapter):
             num_position_channels,
             project_dim=project_pos_dim,
         )
-        if concat_or_add_pos == "add" and self.positions.num_channels != samples_per_patch:
-            raise ValueError(
-                f"{name}: concat_or_add_pos='add' needs position channels ({self.positions.num_channels}) == "
-                f"samples_per_patch ({samples_per_patch})"
-            )
-        pos = self.positions.num_channels
-        self.num_input_channels = samples_per_patch if concat_or_add_pos == "add" else samples_per_patch + pos
+        self.num_input_channels = combined_channels(
+            name, samples_per_patch, self.positions.num_channels, concat_or_add_pos, what="samples_per_patch"
+        )
 
     def forward(self, waveform: Tensor, sample_mask: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
         b = waveform.shape[0]

@@ -124,6 +124,20 @@ class GridPositionFeatures(nn.Module):
         return pos
 
 
+def combined_channels(
+    owner: str, feature_channels: int, position_channels: int, mode: str, what: str = "feature channels"
+) -> int:
+    """Width of :func:`combine_positions`'s output; ``add`` needs equal widths (checked at construction)."""
+    if mode == "concat":
+        return feature_channels + position_channels
+    if position_channels != feature_channels:
+        raise ValueError(
+            f"{owner}: concat_or_add_pos='add' needs position channels ({position_channels}) == "
+            f"{what} ({feature_channels})"
+        )
+    return feature_channels
+
+
 def combine_positions(x: Tensor, pos: Tensor, mode: str) -> Tensor:
     """``concat``: [x, pos] on the channel axis; ``add``: x + pos (same width)."""
     if mode == "concat":

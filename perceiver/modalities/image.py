@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import InputAdapter, OutputAdapter
-from .common import GridPositionFeatures, PositionKind, Resolution, check_choice, check_positive, combine_positions
+from .common import (
+    GridPositionFeatures,
+    PositionKind,
+    Resolution,
+    check_choice,
+    check_positive,
+    combine_positions,
+    combined_channels,
+)
 
 ImagePrep = Literal["pixels", "patches", "conv", "conv1x1"]
 
@@ -226,14 +234,10 @@ class ImageInputAdapter(InputAdapter):
             num_position_channels,
             project_dim=project_pos_dim,
         )
-        if concat_or_add_pos == "add" and self.positions.num_channels != feature_channels:
-            raise ValueError(
-                f"{name}: concat_or_add_pos='add' needs position channels ({self.positions.num_channels}) == "
-                f"feature channels ({feature_channels})"
-            )
         self.num_feature_channels = feature_channels
-        add = concat_or_add_pos == "add"
-        self.num_input_channels = feature_channels if add else feature_channels + self.positions.num_channels
+        self.num_input_channels = combined_channels(
+            name, feature_channels, self.positions.num_channels, concat_or_add_pos
+        )
 
     def grid_dims(self, image_shape: Sequence[int]) -> tuple[int, ...]:
         """Index dims of the output array for an input of ``image_shape`` ((H, W) or (T, H, W))."""

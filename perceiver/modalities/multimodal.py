@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..adapters import InputAdapter, OutputAdapter
 from ..config import DecoderConfig, EncoderConfig
-from ..decoder import InputQueryProvider, PerceiverDecoder, PositionQueryProvider, QueryProvider
-from ..encoder import PerceiverEncoder
+from ..decoder import InputQueryProvider, PositionQueryProvider, QueryProvider
+from ..model import PerceiverIO
 from .common import check_positive
 
 
@@ -222,7 +222,7 @@ class MultimodalOutputAdapter(OutputAdapter):
         return {m: (self.heads[m](v) if m in self.heads else v) for m, v in parts.items()}
 
 
-class MultimodalPerceiverIO(nn.Module):
+class MultimodalPerceiverIO(PerceiverIO):
     """Multimodal Perceiver IO: ``{modality: input}`` -> ``{modality: output}``.
 
     ``forward(inputs, subsampled_points=None)``; ``subsampled_points`` maps modalities to the flat
@@ -237,21 +237,8 @@ class MultimodalPerceiverIO(nn.Module):
         query_provider: MultimodalQueryProvider,
         output_adapter: Optional[MultimodalOutputAdapter] = None,
     ):
-        super().__init__()
-        if input_adapter.num_input_channels != encoder_config.num_input_channels:
-            raise ValueError(
-                f"EncoderConfig.num_input_channels={encoder_config.num_input_channels} does not match "
-                f"MultimodalInputAdapter.num_input_channels={input_adapter.num_input_channels}"
-            )
-        if decoder_config.num_latent_channels != encoder_config.num_latent_channels:
-            raise ValueError(
-                f"DecoderConfig.num_latent_channels={decoder_config.num_latent_channels} does not match "
-                f"EncoderConfig.num_latent_channels={encoder_config.num_latent_channels}"
-            )
-        self.input_adapter = input_adapter
-        self.encoder = PerceiverEncoder(encoder_config)
-        self.decoder = PerceiverDecoder(decoder_config, query_provider)
-        self.output_adapter = output_adapter if output_adapter is not None else MultimodalOutputAdapter({})
+        output_adapter = output_adapter if output_adapter is not None else MultimodalOutputAdapter({})
+        super().__init__(input_adapter, encoder_config, decoder_config, query_provider, output_adapter)
 
     def forward(
         self, inputs: Mapping[str, object], subsampled_points: Optional[Mapping[str, Optional[Tensor]]] = None

@@ -19,6 +19,7 @@ from typing import Any
 # Lazy exports: the writer commands do not pay for importing torch.
 _EXPORTS = {
     "ImageOptions": "images",
+    "DataSourceError": "loader",
     "LoaderConfig": "loader",
     "ShardLoader": "loader",
     "SourceConfig": "loader",
@@ -26,7 +27,9 @@ _EXPORTS = {
     "pairs_loader": "loader",
     "MixSchedule": "mixing",
     "ShardIndex": "reader",
+    "check_shard_files": "reader",
     "expand_shards": "reader",
+    "find_shards": "reader",
     "ShardWriter": "shards",
     "ShardWriterConfig": "shards",
     "SyntheticConfig": "synthetic",
@@ -53,6 +56,7 @@ def __dir__() -> list[str]:
 
 __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "END_OF_CHUNK_TOKEN",
+    "DataSourceError",
     "IGNORE_INDEX",
     "MEDIA_TOKEN",
     "FlamingoTokens",
@@ -68,7 +72,9 @@ __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "SyntheticDataset",
     "documents_loader",
     "ensure_synthetic_dataset",
+    "check_shard_files",
     "expand_shards",
+    "find_shards",
     "generate_synthetic_dataset",
     "pairs_loader",
 ]

@@ -25,8 +25,11 @@ consumed (``state_dict()["position"]``).
    PyTorch hands batches back round-robin over workers, so the loader yields batches 0, 1, 2, ... in order:
    the sequence of batches is the same for any number of workers, and it is what a resumed run continues.
 
-Within a batch, a sample that cannot be read or decoded is left out (the batch is smaller; an all-bad batch is not
-yielded) and counted; its slot is consumed all the same, so skips never shift the stream.
+Within a batch, a sample that cannot be read or decoded (or whose transformed image holds NaN/Inf) is left out (the
+batch is smaller; an all-bad batch is not yielded) and counted; its slot is consumed all the same, so skips never shift
+the stream. A source whose last ``max_consecutive_skips`` samples were all skipped (every image corrupt, say) stops the
+iteration with :class:`DataSourceError` naming the source and the skip reasons, instead of looping forever; so does a
+finite epoch in which every sample was skipped.
 
 Epochs: with ``infinite=False`` one ``for batch in loader`` runs to the end of the current epoch of ``n_r`` slots
 (or ``samples_per_epoch`` slots, required when mixing sources) and the next ``for`` starts the next epoch with a new
@@ -126,6 +129,8 @@ class LoaderConfig:
     padding: "longest" (pad to the longest sequence in the batch) or "max_length".
     caption_choice: "random" draws one of ``json["captions"]`` per (seed, epoch, sample); "first" uses ``key.txt``.
     return_metadata: add ``batch["metadata"]``, a list of per-sample dicts (source, key, json) -- not a tensor.
+    max_consecutive_skips: stop with DataSourceError when this many samples of one source in a row were skipped
+        (None: never stop).
     """
 
     sources: Any
@@ -149,6 +154,7 @@ class LoaderConfig:
     pin_memory: bool = False
     prefetch_factor: int | None = None
     return_metadata: bool = False
+    max_consecutive_skips: int | None = 1000
     source_configs: list[SourceConfig] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -178,6 +184,8 @@ class LoaderConfig:
         _check_int("max_length", self.max_length, 4)
         if self.samples_per_epoch is not None:
             _check_int("samples_per_epoch", self.samples_per_epoch, 1)
+        if self.max_consecutive_skips is not None:
+            _check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
         if self.prefetch_factor is not None:
             _check_int("prefetch_factor", self.prefetch_factor, 1)
             if self.num_workers == 0:
@@ -251,6 +259,10 @@ def epoch_order(
         order = rng.permutation(len(parts))
         return np.concatenate([parts[i] for i in order]) if parts else np.zeros(0, dtype=np.int64)
     return np.arange(num_samples)
+
+
+class DataSourceError(RuntimeError):
+    """A source delivers no usable samples (every one skipped); the message names the source and the reasons."""
 
 
 class _CaptionChoice:
@@ -363,11 +375,20 @@ class _Core:
                 skipped.append((skip.reason, self.names[source], ref.key, skip.detail))
             except OSError as err:
                 skipped.append(("read_error", self.names[source], ref.key, str(err)))
+        before = len(skipped)
         if self.config.kind == "pairs":
             batch = self._collate_pairs(items)
         else:
             batch = self._collate_documents(items, skipped, dropped)
-        return batch, {"end": stop, "skipped": skipped, "dropped_images": dropped}
+        delivered = Counter(meta["source"] for _, meta in items)
+        delivered.subtract(Counter(source for _, source, _, _ in skipped[before:]))  # dropped while collating
+        bookkeeping = {
+            "end": stop,
+            "skipped": skipped,
+            "dropped_images": dropped,
+            "delivered": {name: n for name, n in delivered.items() if n > 0},
+        }
+        return batch, bookkeeping
 
     def _transform(self, image: Any) -> torch.Tensor:
         tensor = self.transform(image)
@@ -376,6 +397,9 @@ class _Core:
                 f"image_transform must return a (C, H, W) tensor, got "
                 f"{type(tensor).__name__} of shape {tuple(getattr(tensor, 'shape', ()))}"
             )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SampleSkip("nonfinite_pixels", f"{bad} of {tensor.numel()} values are NaN or Inf after the transform")
         return tensor
 
     def _collate_pairs(self, items: list) -> dict[str, Any] | None:
@@ -481,6 +505,10 @@ class ShardLoader:
         self._position = 0
         self._counts: Counter[str] = Counter()
         self._logged: Counter[str] = Counter()
+        # per source: samples skipped since its last delivered one, their reasons, and a few examples
+        self._streak: Counter[str] = Counter()
+        self._streak_reasons: dict[str, Counter[str]] = {}
+        self._streak_examples: dict[str, list[str]] = {}
         for index in self._core.indexes:
             for reason, count in index.problems.items():
                 self._counts[f"index/{reason}"] += count
@@ -537,15 +565,23 @@ class ShardLoader:
                     prefetch_factor=self.config.prefetch_factor,
                 )
             )
+        delivered = skipped = 0
         for batch, bookkeeping in iterator:
             self._position = bookkeeping["end"]
             self._record(bookkeeping)
+            skipped += len(bookkeeping["skipped"])
             if batch is not None:
                 self._counts["batches"] += 1
                 self._counts["samples"] += int(batch["input_ids"].shape[0])
+                delivered += int(batch["input_ids"].shape[0])
                 yield batch
         if end is not None:
             self._position = end  # also past a dropped last batch
+            if delivered == 0 and skipped > 0:
+                raise DataSourceError(
+                    f"every one of the {skipped} samples read in this epoch was skipped "
+                    f"({self._reasons_text(self._counts, prefix='skipped/')}); {self._sources_text()}"
+                )
 
     def _record(self, bookkeeping: dict[str, Any]) -> None:
         for reason, source, key, detail in bookkeeping["skipped"]:
@@ -558,6 +594,42 @@ class ShardLoader:
                     logger.warning("further samples skipped for %r are counted in loader.stats, not logged", reason)
         for reason in bookkeeping["dropped_images"]:
             self._counts[f"dropped_images/{reason}"] += 1
+        self._check_streaks(bookkeeping)
+
+    def _check_streaks(self, bookkeeping: dict[str, Any]) -> None:
+        """DataSourceError when a source's last ``max_consecutive_skips`` samples were all skipped."""
+        for reason, source, key, detail in bookkeeping["skipped"]:
+            self._streak[source] += 1
+            self._streak_reasons.setdefault(source, Counter())[reason] += 1
+            examples = self._streak_examples.setdefault(source, [])
+            if len(examples) < 3:
+                examples.append(f"{key}: {reason} {detail}".strip())
+        for source in bookkeeping.get("delivered", {}):
+            self._streak[source] = 0
+            self._streak_reasons.pop(source, None)
+            self._streak_examples.pop(source, None)
+        limit = self.config.max_consecutive_skips
+        if limit is None:
+            return
+        for source, count in self._streak.items():
+            if count >= limit:
+                index = self._core.indexes[self._core.names.index(source)]
+                raise DataSourceError(
+                    f"source {source!r}: the last {count} samples in a row could not be used "
+                    f"(limit LoaderConfig.max_consecutive_skips={limit}); skip reasons: "
+                    f"{self._reasons_text(self._streak_reasons[source])}; e.g. "
+                    f"{'; '.join(self._streak_examples[source])}. Shards: {_shards_text(index.paths)}"
+                )
+
+    @staticmethod
+    def _reasons_text(counts: Counter, prefix: str = "") -> str:
+        items = [(k[len(prefix) :], v) for k, v in counts.items() if k.startswith(prefix) and v]
+        return ", ".join(f"{reason} x{n}" for reason, n in sorted(items, key=lambda kv: -kv[1])) or "none"
+
+    def _sources_text(self) -> str:
+        return "; ".join(
+            f"source {name!r}: {_shards_text(index.paths)}" for name, index in zip(self._core.names, self._core.indexes)
+        )
 
     @property
     def stats(self) -> dict[str, int]:
@@ -601,6 +673,11 @@ class ShardLoader:
             raise ValueError(f"loader state position must be an int >= 0, got {position!r}")
         self._position = position
         self._counts = Counter(state.get("counters", {}))
+
+
+def _shards_text(paths: Sequence[Path], shown: int = 2) -> str:
+    names = ", ".join(str(p) for p in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def pairs_loader(

@@ -6,7 +6,10 @@ members) records where every member of every sample lies, so any sample can be r
 stream of :mod:`data_pipelines.loader` possible (any order, any split, resume at any position), and it lets damaged
 shards be handled precisely:
 
-- a shard that matches no file is an error at start-up (:func:`expand_shards`);
+- a shard that matches no file is an error at start-up (:func:`expand_shards`); names of a brace range that do
+  not exist are left out with a warning giving their count (:func:`find_shards` returns them);
+- :func:`check_shard_files` is a cheap check (one 512-byte read per shard) that every shard is a tar archive at all,
+  for a clear error before training instead of a damaged source found later;
 - a truncated tar keeps every complete member before the damage; the shard is counted under
   ``truncated_shard`` and the samples missing required members under ``incomplete_sample``;
 - a file that is not a readable tar at all is counted under ``unreadable_shard`` and contributes no samples.
@@ -34,17 +37,20 @@ ShardSpec = str | Path | Sequence[str | Path]
 Members = dict[str, tuple[int, int]]  # extension -> (byte offset of the data, size)
 
 
-def expand_shards(spec: ShardSpec) -> list[Path]:
-    """Shard paths from a spec: a path, a directory (all its ``*.tar``), a glob, a brace pattern
-    (``shards/data-{000000..000009}.tar``), or a list of those. Raises FileNotFoundError naming any entry that
-    matches no file, and ValueError for an empty spec."""
+def find_shards(spec: ShardSpec) -> tuple[list[Path], list[str]]:
+    """(shard paths, missing) for a spec: a path, a directory (all its ``*.tar``), a glob, a brace pattern
+    (``shards/data-{000000..000009}.tar``), or a list of those. ``missing`` lists the names of a brace range that do
+    not exist. Raises FileNotFoundError naming any entry that matches no file at all, and ValueError for an empty
+    spec."""
     entries = [spec] if isinstance(spec, (str, Path)) else list(spec)
     if not entries:
         raise ValueError("shard list is empty: expected a path, directory, glob or brace pattern of .tar shards")
     paths: list[Path] = []
+    missing: list[str] = []
     for entry in entries:
         entry = str(entry)
         found: list[Path] = []
+        absent: list[str] = []
         if os.path.isdir(entry):
             found = sorted(Path(entry).glob("*.tar"))
         else:
@@ -53,13 +59,62 @@ def expand_shards(spec: ShardSpec) -> list[Path]:
                     found.extend(Path(p) for p in sorted(glob.glob(pattern)) if os.path.isfile(p))
                 elif os.path.isfile(pattern):
                     found.append(Path(pattern))
+                else:
+                    absent.append(pattern)
         if not found:
             raise FileNotFoundError(
                 f"shard spec {entry!r} matched no file (expected an existing .tar path, a directory holding "
                 f"*.tar files, a glob or a brace pattern like data-{{000000..000009}}.tar)"
             )
         paths.extend(found)
-    return list(dict.fromkeys(paths))  # de-duplicate, keep order
+        missing.extend(absent)
+    return list(dict.fromkeys(paths)), missing  # de-duplicate, keep order
+
+
+def describe_missing(spec: ShardSpec, found: int, missing: Sequence[str], shown: int = 3) -> str:
+    """ "3 of 10 shards of 'x/{0..9}.tar' do not exist (x/3.tar, ...); using the other 7"."""
+    names = ", ".join(missing[:shown]) + (f", ... {len(missing) - shown} more" if len(missing) > shown else "")
+    total = found + len(missing)
+    return f"{len(missing)} of {total} shards of {spec!r} do not exist ({names}); using the other {found}"
+
+
+def expand_shards(spec: ShardSpec) -> list[Path]:
+    """Shard paths of a spec (see :func:`find_shards`). Names of a brace range that do not exist are left out with a
+    warning giving their count; an entry that matches no file at all is a FileNotFoundError."""
+    paths, missing = find_shards(spec)
+    if missing:
+        logger.warning("%s", describe_missing(spec, len(paths), missing))
+    return paths
+
+
+def shard_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a tar shard -- empty, too short, or not starting with a tar header -- or None.
+    Reads one 512-byte block (a cheap check before training; damage further in is found while indexing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return f"cannot be opened ({e.strerror})"
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return "is empty (0 bytes)"
+        header = os.pread(fd, 512, 0)
+    finally:
+        os.close(fd)
+    if len(header) < 512:
+        return f"is not a tar archive ({size} bytes, shorter than one tar header)"
+    if header != ZERO_BLOCK and _parse_header(header) is None:
+        return f"is not a tar archive (its first 512 bytes are not a valid tar header; {size} bytes)"
+    return None
+
+
+def check_shard_files(paths: Sequence[Path], shown: int = 3) -> None:
+    """ValueError naming the shards that are empty or not tar archives (see :func:`shard_file_problem`)."""
+    bad = [(p, problem) for p in paths if (problem := shard_file_problem(Path(p))) is not None]
+    if bad:
+        listed = "; ".join(f"{p} {problem}" for p, problem in bad[:shown])
+        more = f"; ... {len(bad) - shown} more" if len(bad) > shown else ""
+        raise ValueError(f"{len(bad)} of {len(paths)} shard(s) cannot be read as tar archives: {listed}{more}")
 
 
 def split_member_name(name: str) -> tuple[str, str]:

@@ -7,9 +7,13 @@ A source ``synthetic:<split>`` reads the generated dataset in ``data.cache_dir``
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from .config import ConfigError, DataConfig, SourceSpec, TrainConfig
 
@@ -49,9 +53,11 @@ def resolve_shards(spec: SourceSpec, synthetic) -> Any:
     return pattern
 
 
-def check_shards_exist(config: TrainConfig) -> None:
-    """Every non-synthetic shard spec matches files (a clear error naming the config key, before any work)."""
-    from data_pipelines import expand_shards
+def check_shards_exist(config: TrainConfig) -> list[str]:
+    """Every non-synthetic shard spec matches files that are tar archives (a clear error naming the config key,
+    before any work). Names of a brace range that do not exist are a warning with their count (printed by rank 0)
+    and returned."""
+    from data_pipelines.reader import check_shard_files, describe_missing, find_shards
 
     keys = []
     for stream_name in STREAMS:
@@ -60,13 +66,46 @@ def check_shards_exist(config: TrainConfig) -> None:
             keys += [(f"data.{stream_name}.sources[{i}].shards", s) for i, s in enumerate(stream.sources)]
     if config.data.val is not None:
         keys.append(("data.val.shards", SourceSpec(config.data.val.shards)))
+    warnings = []
     for key, spec in keys:
         if spec.synthetic_split is not None:
             continue
         try:
-            expand_shards(spec.shards)
+            paths, missing = find_shards(spec.shards)
+            check_shard_files(paths)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
+        if missing:
+            warnings.append(f"{key}: {describe_missing(spec.shards, len(paths), missing)}")
+    if os.environ.get("RANK", "0") == "0":
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+    return warnings
+
+
+def check_batch(stream: str, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch, if its images are usable: floating point and finite. Otherwise ValueError naming the stream, the
+    rows and (with metadata) the samples -- NaN/Inf pixels would give NaN logits and a skipped step, silently."""
+    vision_x = batch.get("vision_x")
+    if vision_x is None:
+        return batch
+    if not vision_x.is_floating_point():
+        raise ValueError(
+            f"data.{stream}: batch vision_x has dtype {vision_x.dtype}; expected floating-point pixels from the "
+            "image transform (the model's image_processor)"
+        )
+    finite = torch.isfinite(vision_x).flatten(1).all(dim=1)  # (B,)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        metadata = batch.get("metadata")
+        where = ""
+        if metadata:
+            where = " (" + ", ".join(f"{metadata[r].get('source')}:{metadata[r].get('key')}" for r in rows[:5]) + ")"
+        raise ValueError(
+            f"data.{stream}: batch vision_x holds NaN or Inf values in row(s) {rows[:10]}{where}; expected finite "
+            "pixels (check the image transform and the images)"
+        )
+    return batch
 
 
 def build_train_loaders(

@@ -28,10 +28,25 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointManager, capture_rng, restore_rng
+from .checkpoint import (
+    CheckpointManager,
+    apply_configured_schedule,
+    capture_rng,
+    clean_export_leftovers,
+    optimizer_hyperparameters,
+    restore_rng,
+)
 from .config import ConfigError, TrainConfig
-from .data import Batches, build_train_loaders, build_val_loader, check_shards_exist, ensure_synthetic
-from .distributed import DistContext, all_reduce_sum, barrier, main_first, resolve_device, setup_distributed
+from .data import Batches, build_train_loaders, build_val_loader, check_batch, check_shards_exist, ensure_synthetic
+from .distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    main_first,
+    resolve_device,
+    setup_distributed,
+)
 from .engine import build_deepspeed_config, initialize_engine, load_deepspeed_json, zero_stage
 from .evaluation import (
     FewShotSample,
@@ -41,6 +56,7 @@ from .evaluation import (
     move_batch,
     score_scene_captions,
 )
+from .lock import lock_output_dir
 from .metrics import MetricsLogger, plot_loss_curve
 from .modeling import build_model, export_pretrained, exported_parameter_names, load_exported, resolve_bases
 from .optim import build_optimizer, build_scheduler
@@ -106,6 +122,17 @@ class Trainer:
         self._threads_before = torch.get_num_threads()
         self.ctx: DistContext = setup_distributed(config.run)
         _quiet_libraries()  # after DeepSpeed's import, which sets its logger's level
+        # One run per output directory (training.lock), taken before anything is written there; released by
+        # close(), by a failure while building, or when the process ends.
+        self._output_lock = lock_output_dir(Path(config.run.output_dir), self.ctx)
+        try:
+            self._build(config, ds_json)
+        except BaseException:
+            if self._output_lock is not None:
+                self._output_lock.release()
+            raise
+
+    def _build(self, config: TrainConfig, ds_json: dict[str, Any]) -> None:
         ctx = self.ctx
         self.device = ctx.device
         self.dtype = torch.bfloat16 if config.run.precision == "bf16" else torch.float32
@@ -142,6 +169,12 @@ class Trainer:
         self.checkpoints = CheckpointManager(config.checkpoint_dir, ctx, config.checkpoint.keep_last)
         self.checkpoints.clean_staging()
         self._last_saved_step: Optional[int] = None
+        self._resume_notes: list[str] = []  # damaged checkpoints skipped, settings changed since the checkpoint
+        self._resume_verified = False
+        if ctx.is_main:
+            inside = Path(config.run.output_dir).resolve() in config.export_dir.resolve().parents
+            for line in clean_export_leftovers(config.export_dir, exclusive=inside):
+                print(line, flush=True)
 
         random.seed(config.run.seed + ctx.rank)
         np.random.seed(config.run.seed + ctx.rank)
@@ -154,19 +187,32 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(config.to_yaml())
         self.metrics = MetricsLogger(self.output_dir, config.logging, ctx.is_main, self.step, config.run.max_steps)
         if self.resumed_from is not None:
-            self.metrics.write(f"resumed from {self.resumed_from} at step {self.step}")
+            self.metrics.write(
+                "\n".join([f"resumed from {self.resumed_from} at step {self.step}", *self._resume_notes])
+            )
 
     # ------------------------------------------------------------------------------------------------ state
     def _resume_path(self) -> Optional[Path]:
         resume = self.config.checkpoint.resume
         if resume == "never":
             return None
-        if resume == "auto":
-            return self.checkpoints.latest()
         path = Path(resume)
-        if (path / "latest").is_file():  # a checkpoint directory rather than one checkpoint
-            return CheckpointManager(path, self.ctx).latest()
-        return path
+        if resume != "auto" and not (path / "latest").is_file():
+            return path  # one checkpoint, named explicitly: verified when loaded, no fallback
+        # the newest checkpoint that verifies (damaged ones are skipped with a warning); rank 0 checks, once
+        manager = self.checkpoints if resume == "auto" else CheckpointManager(path, self.ctx)
+        found, error = None, None
+        if self.ctx.is_main:
+            try:
+                found = manager.find_resumable()
+            except RuntimeError as e:
+                error = str(e)
+            self._resume_notes += manager.warnings
+        found, error = broadcast_object((None if found is None else str(found), error))
+        if error is not None:
+            raise RuntimeError(error)
+        self._resume_verified = found is not None
+        return None if found is None else Path(found)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's trainer state (what DeepSpeed's checkpoint does not hold)."""
@@ -179,20 +225,26 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_consecutive": self.nonfinite_consecutive,
             "scheduler": self.scheduler.state_dict(),
+            "next_lrs": [group["lr"] for group in self.optimizer.param_groups],
             "loaders": {name: stream.state_dict() for name, stream in self.streams.items()},
             "rng": capture_rng(),
         }
 
     def _load(self, path: Path) -> None:
-        state = self.checkpoints.load(self.engine, path)
+        configured = optimizer_hyperparameters(self.optimizer)  # what the config says, before loading replaces it
+        configured_base_lrs = list(self.scheduler.base_lrs)
+        state = self.checkpoints.load(self.engine, path, verify=not self._resume_verified)
         missing = sorted(set(self.streams) - set(state["loaders"]))
         if missing:
             raise RuntimeError(f"checkpoint {path} has no data position for the stream(s) {missing}")
         for name, stream in self.streams.items():
             stream.load_state_dict(state["loaders"][name])
         self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        # the current config's settings and schedule apply from here on (what config.yaml records), reported
+        changes = apply_configured_schedule(
+            self.optimizer, self.scheduler, configured, configured_base_lrs, state.get("next_lrs")
+        )
+        self._resume_notes += [f"config differs from the checkpoint's run: {c}" for c in changes]
         for key in ("step", "samples_seen", "tokens_seen", "nonfinite_total", "nonfinite_consecutive"):
             setattr(self, key, state[key])
         restore_rng(state["rng"])
@@ -212,7 +264,7 @@ class Trainer:
         parts: dict[str, float] = {}
         samples = tokens = 0
         for name, stream in self.streams.items():
-            batch = move_batch(stream.next(), self.device, self.dtype)
+            batch = move_batch(check_batch(name, stream.next()), self.device, self.dtype)
             out = self.engine(
                 batch["vision_x"],
                 batch["input_ids"],
@@ -446,6 +498,8 @@ class Trainer:
         if callable(destroy):
             destroy()
         torch.set_num_threads(self._threads_before)
+        if self._output_lock is not None:
+            self._output_lock.release()
 
     def summary(self, result: TrainResult) -> str:
         losses = [v for _, v in sorted(result.losses.items()) if v is not None and math.isfinite(v)]

@@ -1,0 +1,108 @@
+"""Caption metrics exactly as the COCO caption evaluation computes them, plus top-k accuracy.
+
+CIDEr and BLEU-4 come from the ``pycocoevalcap`` package: both sides are PTB-tokenized (Stanford
+CoreNLP's PTBTokenizer, lower-cased, punctuation removed; the jar ships in the package and runs on
+``java``), then ``Cider().compute_score`` / ``Bleu(4).compute_score``. CIDEr's IDF is taken from the
+reference set passed in, so score a whole split in one call. SPICE is not used (it downloads models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+
+import torch
+
+
+def _check(candidates: Mapping, references: Mapping) -> None:
+    if not candidates:
+        raise ValueError("no candidates to score")
+    if set(candidates) != set(references):
+        only_c = sorted(map(str, set(candidates) - set(references)))[:5]
+        only_r = sorted(map(str, set(references) - set(candidates)))[:5]
+        raise ValueError(
+            f"candidates and references must have the same ids; only in candidates {only_c}, "
+            f"only in references {only_r}"
+        )
+    for key, refs in references.items():
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"references[{key!r}] must be a non-empty list of captions, got {refs!r}")
+    for key, cand in candidates.items():
+        if not isinstance(cand, str):
+            raise ValueError(f"candidates[{key!r}] must be one caption string, got {type(cand).__name__}")
+
+
+@contextlib.contextmanager
+def _java_stderr_captured() -> Iterator[None]:
+    """Route file descriptor 2 (where the tokenizer's java process reports) to a temporary file; its
+    text is attached to any error raised inside."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except Exception as e:
+            os.dup2(saved, 2)
+            log.seek(0)
+            raise RuntimeError(
+                f"PTB tokenization failed: {e!r}; java said: {log.read().decode(errors='replace')}"
+            ) from e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def ptb_tokenize(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> tuple[dict, dict]:
+    """PTB-tokenize both sides with pycocoevalcap's tokenizer (one ``java`` call): id -> [tokenized, ...]."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    _check(candidates, references)
+    if shutil.which("java") is None:
+        raise RuntimeError("the PTB tokenizer of the COCO caption evaluation needs `java` on PATH (e.g. openjdk)")
+    # Tag each id with its side so one tokenizer run serves both (the tokenizer works line by line).
+    joint = {("c", k): [{"caption": c}] for k, c in candidates.items()}
+    joint.update({("r", k): [{"caption": r} for r in refs] for k, refs in references.items()})
+    with _java_stderr_captured():
+        tokens = PTBTokenizer().tokenize(joint)
+        if len(tokens) != len(joint):
+            raise ValueError(f"the tokenizer returned {len(tokens)} of {len(joint)} caption groups")
+    res = {k: tokens[("c", k)] for k in candidates}
+    gts = {k: tokens[("r", k)] for k in candidates}
+    return res, gts
+
+
+def caption_scores(
+    candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+) -> dict[str, float]:
+    """``{"cider": ..., "bleu4": ...}`` of raw candidate captions (id -> str) against raw references
+    (id -> list of str), on pycocoevalcap's scale (not multiplied by 100)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    res, gts = ptb_tokenize(candidates, references)
+    cider_score, _ = Cider().compute_score(gts, res)
+    with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its n-gram statistics
+        bleu_scores, _ = Bleu(4).compute_score(gts, res)
+    return {"cider": float(cider_score), "bleu4": float(bleu_scores[3])}
+
+
+def cider(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> float:
+    """Corpus CIDEr (CIDEr-D as in the COCO evaluation) of raw captions; id -> caption, id -> [captions]."""
+    return caption_scores(candidates, references)["cider"]
+
+
+def bleu4(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> float:
+    """Corpus BLEU-4 (closest reference length) of raw captions, as the COCO evaluation computes it."""
+    return caption_scores(candidates, references)["bleu4"]
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (N, C), labels (N,) -> bool (N,): the label is among the k highest scores (ties: lower index first)."""
+    top = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]  # (N, k)
+    return (top == labels[:, None]).any(dim=1)

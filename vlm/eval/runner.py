@@ -1,0 +1,231 @@
+"""The few-shot evaluation loop (OpenFlamingo's protocol): modes x shots x trial seeds.
+
+For every trial: choose the evaluated samples (all, or ``num_samples`` drawn by the seed), each
+query's demonstrations (random from the seed's query set, or RICES), build the prompts, run them in
+batches, post-process and score. ``ablate_images`` adds, for every mode, the same prompts with every
+image replaced by one constant image (the text-only control).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..processor import FlamingoProcessor
+from .datasets import EvalDataset, default_cache_dir
+from .demos import RICES, RandomDemos, cached_image_features, eval_indices, vision_fingerprint
+from .inference import Prompt, class_log_likelihoods, constant_image, generate, prompt_loader
+from .tasks import ZERO_SHOT_DEMOS, CaptioningTask, ClassificationTask, Task, VQATask
+
+MODES = ("random", "rices")
+DEFAULT_SHOTS = (0, 4, 8, 16, 32)
+DEFAULT_SEEDS = (42, 43, 44)
+
+
+def _modes(mode: Union[str, Sequence[str]]) -> list[str]:
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"mode must be one or more of {MODES}, got {mode!r}")
+    return list(dict.fromkeys(modes))
+
+
+def model_identity(model) -> dict:
+    """What names a model in the results: its Flamingo config (bases, sizes) and token ids."""
+    cfg = getattr(model, "config", None)
+    return {"config": cfg.to_dict() if hasattr(cfg, "to_dict") else None, "class": type(model).__name__}
+
+
+def evaluate(
+    task: Task,
+    model,
+    test: EvalDataset,
+    train: EvalDataset,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Optional[Sequence[int]] = None,
+    trials: Optional[int] = None,
+    mode: Union[str, Sequence[str]] = "random",
+    ablate_images: bool = False,
+    num_samples: Optional[int] = None,
+    query_set_size: int = 2048,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    cache_dir: Optional[str] = None,
+    rows_per_call: int = 64,
+    model_info: Optional[dict] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the protocol; returns the results dictionary (see :func:`vlm.eval.report.write_results`).
+
+    ``seeds`` (default 42, 43, 44, or the first ``trials`` of 42, 43, ...) seed the evaluated subset and
+    the demonstrations of each trial. ``cache_dir`` holds RICES features (default ``~/.cache/vlm_eval``;
+    ``False`` disables the cache).
+    """
+    modes = _modes(mode)
+    if seeds is None:
+        seeds = [42 + i for i in range(trials)] if trials is not None else list(DEFAULT_SEEDS)
+    elif trials is not None and trials != len(seeds):
+        raise ValueError(f"trials={trials} but {len(seeds)} seeds were given")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("at least one trial seed is needed")
+    shots = [int(k) for k in shots]
+    if any(k < 0 for k in shots) or not shots:
+        raise ValueError(f"shots must be non-negative integers, got {shots}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(task, ClassificationTask):
+        if test.class_names is None or train.class_names != test.class_names:
+            raise ValueError("classification needs the same class folders in the training and evaluated splits")
+        task.class_names = test.class_names
+    if model.tokenizer is None or model.image_processor is None:
+        raise ValueError("the model needs its tokenizer and image_processor attached (vlm.create_model_and_transforms)")
+    model.eval()
+    processor = FlamingoProcessor(model.tokenizer, model.image_processor)
+    cache = None if cache_dir is False else (cache_dir or default_cache_dir())
+
+    rices = None
+    if "rices" in modes:
+        fp = vision_fingerprint(model) if cache is not None else None
+        feats = {
+            name: cached_image_features(
+                model, ds, cache, batch_size=max(batch_size, 32), num_workers=num_workers, fingerprint=fp
+            )
+            for name, ds in (("train", train), ("test", test))
+        }
+        rices = (RICES(train, feats["train"]), feats["test"])
+
+    runs = []
+    kinds = [(m, False) for m in modes] + ([(m, True) for m in modes] if ablate_images else [])
+    grey = constant_image(model.image_processor) if ablate_images else None
+    for mode_name, ablated in kinds:
+        for k in shots:
+            trials_out = [
+                _run_trial(task, model, processor, test, train, k, seed, mode_name, ablated, rices, grey,
+                           num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress)
+                for seed in seeds
+            ]  # fmt: skip
+            names = list(trials_out[0]["metrics"])
+            runs.append(
+                {
+                    "mode": mode_name,
+                    "ablate_images": ablated,
+                    "shots": k,
+                    "seeds": seeds,
+                    "num_samples": trials_out[0]["num_samples"],
+                    "mean": {n: float(np.mean([t["metrics"][n] for t in trials_out])) for n in names},
+                    # population standard deviation over the trials, as OpenFlamingo (np.nanstd)
+                    "std": {n: float(np.std([t["metrics"][n] for t in trials_out])) for n in names},
+                    "trials": trials_out,
+                }
+            )
+    speeds = [t["images_per_s"] for r in runs for t in r["trials"]]
+    return {
+        "task": task.name,
+        "metric": task.metric,
+        "model": model_info or model_identity(model),
+        "data": {"test": test.identity(), "train": train.identity()},
+        "protocol": {
+            "shots": shots,
+            "trial_seeds": seeds,
+            "modes": modes,
+            "ablate_images": ablate_images,
+            "num_samples": num_samples,
+            "query_set_size": query_set_size,
+            "zero_shot_text_demos": ZERO_SHOT_DEMOS,
+            "template": task.template,
+            "demo_separator": task.demo_separator,
+            "stop_words": list(task.stop_words),
+            "batch_size": batch_size,
+            **({} if isinstance(task, ClassificationTask) else task.generation_kwargs()),
+            **({"normalize_length": task.normalize_length} if isinstance(task, ClassificationTask) else {}),
+        },
+        "runs": runs,
+        "images_per_s": float(np.mean(speeds)) if speeds else None,
+    }
+
+
+def _run_trial(task, model, processor, test, train, k, seed, mode, ablated, rices, grey,
+               num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress) -> dict:  # fmt: skip
+    indices = eval_indices(len(test), num_samples, seed)
+    n_demos = k if k > 0 else ZERO_SHOT_DEMOS
+    queries = [test[i] for i in indices]
+    if mode == "rices":
+        finder, test_feats = rices
+        demos = finder.select_batch(test_feats[indices], [q.image for q in queries], n_demos)
+    else:
+        sampler = RandomDemos(train, query_set_size, seed)
+        demos = [sampler.select(i, q.image, n_demos) for i, q in zip(indices, queries)]
+    prompts = []
+    for q, d in zip(queries, demos):
+        shown = [train[j] for j in d]
+        images = ([s.image for s in shown] if k > 0 else []) + [q.image]
+        prompts.append(Prompt(task.prompt(shown, q, zero_shot=k == 0), [None] * len(images) if ablated else images))
+
+    label = f"{task.name} {mode}{' ablated' if ablated else ''} {k}-shot seed {seed}"
+    loader = prompt_loader(prompts, processor, batch_size, grey, num_workers)
+    outputs: list = []
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc=label, disable=not progress, leave=False) as bar:
+        offset = 0
+        for inputs in loader:
+            n = inputs.input_ids.shape[0]
+            if isinstance(task, ClassificationTask):
+                scores = class_log_likelihoods(
+                    model, inputs, [p.text for p in prompts[offset : offset + n]], task.class_names,
+                    model.tokenizer, task.normalize_length, rows_per_call,
+                )  # fmt: skip
+                outputs += torch.argsort(scores, dim=1, descending=True, stable=True).tolist()
+            else:
+                outputs += generate(model, inputs, model.tokenizer, **task.generation_kwargs())
+            offset += n
+            bar.update(n)
+    seconds = time.perf_counter() - start
+    if isinstance(task, ClassificationTask):
+        metrics, records = task.score(queries, outputs)
+        predictions = [{"prediction": task.class_names[o[0]]} for o in outputs]
+    else:
+        cleaned = [task.postprocess(o) for o in outputs]
+        metrics, records = task.score(queries, cleaned)
+        predictions = [{"prediction": c, "raw": o} for c, o in zip(cleaned, outputs)]
+    per_sample = [
+        {"id": q.id, "image": q.image, **p, **r, "demonstrations": [train[j].id for j in d]}
+        for q, p, r, d in zip(queries, predictions, records, demos)
+    ]
+    return {
+        "seed": seed,
+        "metrics": metrics,
+        "num_samples": len(queries),
+        "seconds": seconds,
+        "images_per_s": len(queries) / seconds if seconds > 0 else float("inf"),
+        "predictions": per_sample,
+    }
+
+
+def _task_kwargs(cls, kwargs: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+
+
+def evaluate_captioning(model, dataset: EvalDataset, train: EvalDataset, **kwargs) -> dict:
+    """Few-shot captioning (CIDEr, BLEU-4); ``kwargs``: :func:`evaluate` options and :class:`CaptioningTask` fields."""
+    task = CaptioningTask(**_task_kwargs(CaptioningTask, kwargs))
+    return evaluate(task, model, dataset, train, **kwargs)
+
+
+def evaluate_vqa(model, dataset: EvalDataset, train: EvalDataset, **kwargs) -> dict:
+    """Few-shot VQA (VQA accuracy); ``kwargs``: :func:`evaluate` options and :class:`VQATask` fields."""
+    task = VQATask(**_task_kwargs(VQATask, kwargs))
+    return evaluate(task, model, dataset, train, **kwargs)
+
+
+def evaluate_classification(model, dataset: EvalDataset, train: EvalDataset, **kwargs) -> dict:
+    """Few-shot classification by class-name likelihood (top-1, top-5); see :class:`ClassificationTask`."""
+    task = ClassificationTask(**_task_kwargs(ClassificationTask, kwargs))
+    return evaluate(task, model, dataset, train, **kwargs)

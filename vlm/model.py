@@ -149,6 +149,16 @@ class Flamingo(nn.Module):
     ) -> None:
         if lang_x.dim() != 2:
             raise ValueError(f"lang_x must be (B, T_txt) token ids, got shape {tuple(lang_x.shape)}")
+        if lang_x.shape[0] == 0 or lang_x.shape[1] == 0:
+            raise ValueError(f"lang_x is empty (shape {tuple(lang_x.shape)}); expected at least one token per row")
+        if lang_x.is_floating_point():
+            raise ValueError(f"lang_x must hold integer token ids, got dtype {lang_x.dtype}")
+        max_positions = self.max_positions
+        if max_positions is not None and lang_x.shape[1] > max_positions:
+            raise ValueError(
+                f"lang_x has {lang_x.shape[1]} tokens per row, more than the language model's "
+                f"{max_positions} positions; shorten the prompt (e.g. the processor's max_length)"
+            )
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is not None and t.shape != lang_x.shape:
                 raise ValueError(f"{name} shape {tuple(t.shape)} != lang_x shape {tuple(lang_x.shape)}")
@@ -161,6 +171,7 @@ class Flamingo(nn.Module):
             return
         if vision_x.dim() != 6:
             raise ValueError(f"vision_x must be (B, T_img, F, C, H, W), got shape {tuple(vision_x.shape)}")
+        self._check_pixels(vision_x)
         if vision_x.shape[0] != lang_x.shape[0]:
             raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}")
         if num_media_tokens > vision_x.shape[1]:
@@ -172,6 +183,47 @@ class Flamingo(nn.Module):
             raise ValueError(
                 f"media_mask must be bool of shape (B, T_img)={tuple(vision_x.shape[:2])}, "
                 f"got {media_mask.dtype} {tuple(media_mask.shape)}"
+            )
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The language model's number of positions (``max_position_embeddings`` / ``n_positions``), if it has one."""
+        config = getattr(self.lang_encoder, "config", None)
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def image_shape(self) -> Optional[tuple[int, int, int]]:
+        """(C, H, W) the vision tower takes (what its image_processor produces), when the tower declares its size."""
+        size = getattr(getattr(self.vision_encoder, "visual", None), "image_size", None)
+        if isinstance(size, int):
+            size = (size, size)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+            return (3, int(size[0]), int(size[1]))
+        return None
+
+    def _check_pixels(self, vision_x: Tensor) -> None:
+        """Preprocessed images of the tower's (C, H, W) in the tower's floating dtype (the processor's output)."""
+        if not vision_x.is_floating_point():
+            raise ValueError(
+                f"vision_x has dtype {vision_x.dtype}; expected preprocessed floating-point pixels (run the images "
+                "through the model's image_processor, or vlm.FlamingoProcessor), not raw uint8/integer values"
+            )
+        weight = next(self.vision_encoder.parameters(), None)
+        if weight is not None and weight.is_floating_point() and vision_x.dtype != weight.dtype:
+            raise ValueError(
+                f"vision_x has dtype {vision_x.dtype}, but the vision tower's weights are {weight.dtype}; "
+                f"convert it first (vision_x.to({weight.dtype}))"
+            )
+        expected = self.image_shape
+        if expected is not None and tuple(vision_x.shape[3:]) != expected:
+            c, h, w = expected
+            raise ValueError(
+                f"vision_x images are (C, H, W)={tuple(vision_x.shape[3:])}, but the vision tower takes "
+                f"({c}, {h}, {w}) (RGB at its image_size, as its image_processor produces)"
             )
 
     def encode_media(
@@ -246,6 +298,13 @@ class Flamingo(nn.Module):
         be no image for it). Returns the prompt followed by the new tokens, (B * num_return_sequences, L).
         """
         self._check_inputs(vision_x, lang_x, media_mask, attention_mask)
+        new_tokens = generate_kwargs.get("max_new_tokens")
+        if isinstance(new_tokens, int) and self.max_positions is not None:
+            if lang_x.shape[1] + new_tokens > self.max_positions:
+                raise ValueError(
+                    f"a prompt of {lang_x.shape[1]} tokens plus max_new_tokens={new_tokens} exceeds the language "
+                    f"model's {self.max_positions} positions; shorten the prompt or lower max_new_tokens"
+                )
         latents, media_mask = self.encode_media(vision_x, media_mask, batch_size=lang_x.shape[0])
         if attention_mask is None:
             attention_mask = torch.ones_like(lang_x)
@@ -275,6 +334,7 @@ class Flamingo(nn.Module):
         save_file(tensors, str(directory / WEIGHTS_NAME))
         meta = {
             "config": self.config.to_dict(),
+            "overridden_base_parameters": sorted(self.overridden_base_parameters),
             "media_token_id": self.media_token_id,
             "eoc_token_id": self.eoc_token_id,
             "pad_token_id": self.pad_token_id,
@@ -285,7 +345,12 @@ class Flamingo(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], **config_overrides) -> Flamingo:
-        """Rebuild the bases named in the config and load the saved weights (all must match exactly)."""
+        """Rebuild the bases named in the config and load the saved weights.
+
+        The weight file must hold exactly the tensors this configuration saves -- the added parameters, the base
+        parameters listed as overridden, and the vision tower when it is random (``pretrained=None``) -- with the
+        model's shapes; anything missing or unexpected is an error naming the file and the tensors.
+        """
         from safetensors.torch import load_file
 
         from .factory import create_model_and_transforms
@@ -303,18 +368,50 @@ class Flamingo(nn.Module):
                 raise ValueError(
                     f"rebuilt tokenizer gives {key}={getattr(model, key)} but the saved model has {meta[key]}"
                 )
-        tensors = load_file(str(weights_path))
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"cannot read {weights_path}: {type(e).__name__}: {e}") from None
         params = dict(model.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        missing = sorted(set(model.added_parameter_names()) - set(tensors))
-        if unknown or missing:
-            raise ValueError(f"weights in {weights_path} do not fit the model: unknown {unknown}, missing {missing}")
+        added = set(model.added_parameter_names())
+        overridden = meta.get("overridden_base_parameters")
+        if overridden is None:  # written before the list was recorded: the file's extra tensors are the overrides
+            overridden = set(tensors) - added
+            if cfg.clip_vision_encoder_pretrained is None:
+                overridden -= {n for n in params if n.startswith("vision_encoder.")}
+        expected = added | set(overridden)
+        if cfg.clip_vision_encoder_pretrained is None:  # a random tower cannot be rebuilt from its name
+            expected |= {n for n in params if n.startswith("vision_encoder.")}
+        missing, unknown = expected - set(tensors), set(tensors) - set(params)
+        unexpected = (set(tensors) & set(params)) - expected
+        if missing or unknown or unexpected:
+            raise ValueError(
+                f"weights in {weights_path} do not fit the model built from {meta_path}: "
+                + _describe_mismatch(missing=missing, unknown=unknown, unexpected=unexpected)
+            )
+        mismatched = [
+            f"{n}: saved {tuple(v.shape)}, model {tuple(params[n].shape)}"
+            for n, v in sorted(tensors.items())
+            if params[n].shape != v.shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"weights in {weights_path} do not fit the model: {len(mismatched)} shape mismatch(es): "
+                + "; ".join(mismatched[:5])
+            )
         with torch.no_grad():
             for name, value in tensors.items():
-                if params[name].shape != value.shape:
-                    raise ValueError(
-                        f"{name}: saved shape {tuple(value.shape)} != model shape {tuple(params[name].shape)}"
-                    )
                 params[name].copy_(value)
-        model.overridden_base_parameters = set(tensors) - set(model.added_parameter_names())
+        model.overridden_base_parameters = set(tensors) - added
         return model
+
+
+def _describe_mismatch(limit: int = 5, **groups: set[str]) -> str:
+    """ "missing ['a', 'b'] (2 tensors), unknown ['c'] (1 tensor)": the first ``limit`` names of each non-empty group."""
+    parts = []
+    for label, names in groups.items():
+        if names:
+            shown = sorted(names)[:limit]
+            more = f" and {len(names) - limit} more" if len(names) > limit else ""
+            parts.append(f"{label} {shown}{more} ({len(names)} tensor{'s' if len(names) != 1 else ''})")
+    return ", ".join(parts)

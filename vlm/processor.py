@@ -50,16 +50,34 @@ class FlamingoProcessor:
                 f"the tokenizer has no {media_token!r} token; build it with vlm.create_model_and_transforms"
             )
 
-    def _image(self, item: Any) -> Tensor:
+    def _image(self, item: Any, where: str) -> Tensor:
         if isinstance(item, Tensor):
-            if item.dim() == 3:
-                return item[None]  # (1, C, H, W)
-            if item.dim() == 4:
-                return item  # (F, C, H, W)
-            raise ValueError(f"image tensors must be (C, H, W) or (F, C, H, W), got shape {tuple(item.shape)}")
-        if self.image_processor is None:
-            raise ValueError(f"got a {type(item).__name__} image but the processor has no image_processor")
-        return self.image_processor(item)[None]
+            if item.dim() not in (3, 4):
+                raise ValueError(
+                    f"{where}: image tensors must be (C, H, W) or (F, C, H, W), got shape {tuple(item.shape)}"
+                )
+            image = item[None] if item.dim() == 3 else item  # (F, C, H, W)
+            source = "image tensor"
+        else:
+            if self.image_processor is None:
+                raise ValueError(f"{where}: got a {type(item).__name__} image but the processor has no image_processor")
+            image = self.image_processor(item)
+            if not isinstance(image, Tensor) or image.dim() != 3:
+                raise ValueError(
+                    f"{where}: image_processor must return a (C, H, W) tensor, got {type(image).__name__} "
+                    f"of shape {tuple(getattr(image, 'shape', ()))}"
+                )
+            image = image[None]
+            source = "image_processor output"
+        if not image.is_floating_point():
+            raise ValueError(
+                f"{where}: {source} has dtype {image.dtype}; expected preprocessed floating-point pixels (pass PIL "
+                "images to be run through the image_processor, or tensors it produced)"
+            )
+        if not bool(torch.isfinite(image).all()):
+            bad = int((~torch.isfinite(image)).sum())
+            raise ValueError(f"{where}: {source} holds {bad} NaN/Inf value(s); expected finite pixels")
+        return image
 
     def __call__(
         self,
@@ -69,6 +87,8 @@ class FlamingoProcessor:
     ) -> FlamingoInputs:
         if isinstance(batch, (str, bytes)) or not all(isinstance(ex, (list, tuple)) for ex in batch):
             raise ValueError("batch must be a list of examples, each a list of strings and images")
+        if len(batch) == 0:
+            raise ValueError("batch is empty: expected at least one example (a list of strings and images)")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts, images = [], []
@@ -80,7 +100,7 @@ class FlamingoProcessor:
                         raise ValueError(f"example {i}: pass images as items, not {self.media_token!r} inside text")
                     parts.append(item)
                 else:
-                    imgs.append(self._image(item))
+                    imgs.append(self._image(item, f"example {i}, image {len(imgs)}"))
                     parts.append(self.media_token)
             texts.append("".join(parts))
             images.append(imgs)
@@ -93,6 +113,12 @@ class FlamingoProcessor:
             return_tensors="pt",
         )
         input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        lengths = attention_mask.sum(dim=1).tolist() if input_ids.numel() else [0] * len(batch)
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            raise ValueError(
+                f"example(s) {empty} give no tokens (empty text and no image); expected at least one text or image item"
+            )
         counts = (input_ids == self.media_token_id).sum(dim=1).tolist()
         for i, (count, imgs) in enumerate(zip(counts, images)):
             if count != len(imgs):

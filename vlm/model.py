@@ -402,7 +402,7 @@ class Flamingo(nn.Module):
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
-        model.overridden_base_parameters = set(tensors) - added
+        model.overridden_base_parameters = set(overridden)
         return model
 
 

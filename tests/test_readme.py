@@ -1,10 +1,12 @@
 """The README's Python examples run as written (offline ones; examples that need downloaded weights are
-recognised by a hub id in quotes and are checked only for syntax)."""
+recognised by a hub id in quotes and are checked only for syntax), and their results are checked by value: the
+random inputs an example draws are recorded, and its outputs are compared with what the same objects compute."""
 
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -15,16 +17,57 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 4
 
 
+def _run(code: str, monkeypatch) -> tuple[dict, list[torch.Tensor]]:
+    """Execute an example; returns its namespace and every tensor it drew with torch.randn / torch.randint."""
+    drawn: list[torch.Tensor] = []
+    for name in ("randn", "randint"):
+        real = getattr(torch, name)
+
+        def recording(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            drawn.append(out)
+            return out
+
+        monkeypatch.setattr(torch, name, recording)
+    namespace: dict = {}
+    exec(compile(code, "README.md example", "exec"), namespace)
+    monkeypatch.undo()
+    return namespace, drawn
+
+
+def _drawn(drawn: list[torch.Tensor], shape: tuple[int, ...]) -> list[torch.Tensor]:
+    return [t for t in drawn if tuple(t.shape) == shape]
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example(index):
+def test_readme_example(index, monkeypatch):
     code = BLOCKS[index]
-    compiled = compile(code, f"README.md example {index}", "exec")
+    compile(code, f"README.md example {index}", "exec")
     if NEEDS_DOWNLOAD.search(code):
         return  # needs a model hub: syntax only
-    namespace: dict = {}
-    exec(compiled, namespace)
-    if "out" in namespace and "ar" in namespace:  # Perceiver AR example: prompt + 20 new tokens
-        assert tuple(namespace["out"].shape) == (2, 320)
-    if "dense" in namespace:
-        assert tuple(namespace["dense"].shape) == (2, 1024, 2)
-        assert tuple(namespace["some"].shape) == (2, 10, 2)
+    torch.manual_seed(0)
+    ns, drawn = _run(code, monkeypatch)
+    with torch.no_grad():
+        if "logits" in ns and "model" in ns:  # Perceiver classifier
+            (x,) = _drawn(drawn, (8, 32, 32, 3))
+            logits = ns["logits"]
+            assert logits.shape == (8, 10) and torch.isfinite(logits).all()
+            # the printed logits are the model's function of the drawn images, row by row
+            torch.testing.assert_close(ns["model"](x[3:5]), logits[3:5], rtol=1e-4, atol=1e-5)
+            assert (logits[0] - logits[1]).abs().max() > 1e-6  # different images, different logits
+        if "dense" in ns:  # Perceiver IO
+            x_dense, x_some = _drawn(drawn, (2, 32, 32, 3))
+            assert tuple(ns["dense"].shape) == (2, 1024, 2) and tuple(ns["some"].shape) == (2, 10, 2)
+            model = ns["model"]
+            torch.testing.assert_close(model(x_dense), ns["dense"])
+            # decoding only the requested points gives exactly those rows of the dense output
+            torch.testing.assert_close(ns["some"], model(x_some)[:, :10], rtol=1e-4, atol=1e-5)
+        if "out" in ns and "ar" in ns:  # Perceiver AR: the prompt followed by 20 sampled tokens
+            (prompt,) = _drawn(drawn, (2, 300))
+            out = ns["out"]
+            assert tuple(out.shape) == (2, 320) and torch.equal(out[:, :300], prompt)
+            assert out.dtype == torch.long and 0 <= int(out.min()) and int(out.max()) < 256
+            greedy = ns["ar"].generate(prompt, max_new_tokens=20, temperature=0.0)
+            assert torch.equal(greedy, ns["ar"].generate(prompt, max_new_tokens=20, temperature=0.0, use_cache=False))
+            logits = ns["ar"](prompt, num_latents=1)  # the first greedy token: argmax after the prompt (1 latent)
+            assert torch.equal(greedy[:, 300], logits[:, -1].argmax(-1))

@@ -73,12 +73,12 @@ def test_flamingo_on_cuda_matches_cpu_and_cached_generation_is_exact():
 
 @pytest.mark.slow
 def test_training_job_runs_on_cuda_in_bf16(tmp_path):
-    from train_helpers import ROOT, small_overrides
+    from train_helpers import ROOT, small_args
 
     from training.metrics import train_losses
 
     out = tmp_path / "run"
-    args = small_overrides(tmp_path / "cache", out, "run.device=cuda", "run.precision=bf16", "run.max_steps=20")
+    args = small_args(tmp_path / "cache", out, "run.device=cuda", "run.precision=bf16", "run.max_steps=20")
     env = dict(os.environ, DS_ACCELERATOR="cuda", PYTHONPATH=str(ROOT))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)

@@ -15,12 +15,19 @@ from training.engine import build_deepspeed_config, load_deepspeed_json, zero_st
 from training.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups
 
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+TINY_RANDOM = PROJECT_ROOT / "configs" / "tiny-random.yaml"
 DS_CONFIGS = sorted((PROJECT_ROOT / "configs" / "deepspeed").glob("*.json"))
 
 
 def test_presets_exist():
     names = {p.name for p in CONFIGS}
-    assert {"tiny.yaml", "openflamingo-3b.yaml", "openflamingo-4b.yaml", "openflamingo-9b.yaml"} <= names
+    assert {
+        "default.yaml",
+        "tiny-random.yaml",
+        "openflamingo-3b.yaml",
+        "openflamingo-4b.yaml",
+        "openflamingo-9b.yaml",
+    } <= names
     assert {p.name for p in DS_CONFIGS} == {f"zero{i}.json" for i in range(4)}
 
 
@@ -34,10 +41,24 @@ def test_every_preset_validates(path):
     assert full["bf16"]["enabled"] == (config.run.precision == "bf16")
 
 
-def test_tiny_preset_is_the_embedded_default():
-    assert load_config(PROJECT_ROOT / "configs" / "tiny.yaml") == TrainConfig()
-    default = TrainConfig()
-    assert default.model.tiny is not None and not default.model.freeze_vision and not default.model.freeze_lm
+def test_default_preset_is_the_embedded_default():
+    assert load_config(PROJECT_ROOT / "configs" / "default.yaml") == TrainConfig() == load_config(None)
+    model = TrainConfig().model
+    # the Flamingo recipe on offline pretrained bases: both frozen, gates start closed
+    assert model.tiny is None and model.freeze_vision and model.freeze_lm and model.gate_init is None
+    assert (model.clip_vision_encoder_path, model.clip_vision_encoder_pretrained) == ("efficientnet-lite0", "imagenet")
+    assert model.lang_encoder_path == model.tokenizer_path == "smollm2-135m"
+    assert TrainConfig().run.precision == "auto"
+
+
+def test_tiny_random_preset_is_the_former_default():
+    c = load_config(TINY_RANDOM)
+    assert c.model.tiny is not None and not c.model.freeze_vision and not c.model.freeze_lm
+    assert c.model.gate_init == 0.5 and c.model.cross_attn_every_n_layers == 1
+    assert (c.model.resampler_depth, c.model.resampler_num_latents, c.model.resampler_head_channels) == (2, 8, 16)
+    assert (c.run.precision, c.run.num_threads, c.run.output_dir) == ("fp32", 1, "outputs/tiny")
+    assert (c.eval.final_queries, c.eval.final_ablation) == (6, False)
+    assert c.optim.lr == 2e-3 and c.run.max_steps == 300
 
 
 @pytest.mark.parametrize(
@@ -65,11 +86,11 @@ def test_ds_stage_files():
 
 
 def test_overrides_are_typed_yaml():
-    c = load_config(None, ["optim.lr=3e-4", "run.max_steps=7", "model.tiny.lm_layers=3", "data.documents=null"])
+    c = load_config(TINY_RANDOM, ["optim.lr=3e-4", "run.max_steps=7", "model.tiny.lm_layers=3", "data.documents=null"])
     assert c.optim.lr == pytest.approx(3e-4) and isinstance(c.optim.lr, float)
     assert c.run.max_steps == 7 and c.model.tiny.lm_layers == 3 and c.data.documents is None
     # a partial section keeps the other defaults of that section
-    assert c.model.tiny.lm_hidden_size == TrainConfig().model.tiny.lm_hidden_size
+    assert c.model.tiny.lm_hidden_size == load_config(TINY_RANDOM).model.tiny.lm_hidden_size
     c = load_config(None, ["data.pairs.sources=[{shards: 'a/{000..009}.tar', weight: 2}, b.tar]"])
     assert [s.weight for s in c.data.pairs.sources] == [2.0, 1.0]
     assert c.data.pairs.sources[1].shards == "b.tar"
@@ -98,7 +119,7 @@ def test_overrides_are_typed_yaml():
 )
 def test_bad_config_names_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)
+        load_config(TINY_RANDOM, overrides)
     assert fragment in str(err.value)
 
 

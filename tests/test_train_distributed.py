@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import ROOT, WORKER_STEPS, run_training, small_config, small_overrides
+from train_helpers import ROOT, WORKER_STEPS, run_training, small_args, small_config
 
 from training.metrics import read_records, train_losses
 
@@ -119,7 +119,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     reference, _ = run_training(small_config(cache, tmp_path / "reference", *steps))
 
     out = tmp_path / "killed"
-    args = small_overrides(cache, out, *steps)
+    args = small_args(cache, out, *steps)
     proc = subprocess.Popen(
         _deepspeed(1, "training/train.py", *args),
         cwd=ROOT,

@@ -40,14 +40,23 @@ SMALL = [
 ]
 
 
+TINY_RANDOM = ROOT / "configs" / "tiny-random.yaml"
+
+
 def small_overrides(cache_dir: str | os.PathLike, output_dir: str | os.PathLike, *extra: str) -> list[str]:
+    """Arguments after ``--config configs/tiny-random.yaml`` (see :func:`small_args`)."""
     return [f"data.cache_dir={cache_dir}", f"run.output_dir={output_dir}", *SMALL, *extra]
+
+
+def small_args(cache_dir: str | os.PathLike, output_dir: str | os.PathLike, *extra: str) -> list[str]:
+    """Command-line arguments of ``training/train.py`` for a small run on the tiny random bases."""
+    return ["--config", str(TINY_RANDOM), *small_overrides(cache_dir, output_dir, *extra)]
 
 
 def small_config(cache_dir, output_dir, *extra: str):
     from training.config import load_config
 
-    return load_config(None, small_overrides(cache_dir, output_dir, *extra))
+    return load_config(TINY_RANDOM, small_overrides(cache_dir, output_dir, *extra))
 
 
 def run_training(config, nan_at_steps: tuple[int, ...] = (), nan_rank: int = 0, before_close=None):

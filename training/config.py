@@ -7,8 +7,11 @@ Every section is a dataclass that checks the type of each field and its range in
 (:mod:`training.typed_config`); an unknown key or a value of the wrong type is an error naming the dotted key,
 raised before any work.
 
-The defaults of the dataclasses *are* the embedded default run (a tiny Flamingo on the generated dataset);
-``configs/tiny.yaml`` spells the same values out.
+The defaults of the dataclasses *are* the embedded default run (``configs/default.yaml`` spells the same values
+out): the Flamingo recipe on offline pretrained bases -- a frozen EfficientNet-Lite0 vision tower and a frozen
+SmolLM2-135M language model (:mod:`vlm.bases`), only the resampler, the gated cross-attention layers and the new
+token rows training -- on the generated scenes dataset. ``configs/tiny-random.yaml`` is the tiny, random-weights
+configuration the tests and quick smoke runs use.
 """
 
 from __future__ import annotations
@@ -37,18 +40,20 @@ class RunConfig(Section):
     """Where the run writes, how long it trains, on what.
 
     output_dir: checkpoints, exported model, metrics, config.yaml. device: "auto" (CUDA if available), "cpu" or
-    "cuda" (an error on a machine without CUDA). precision: "fp32" or "bf16" (DeepSpeed bf16: bf16 weights and
-    activations, fp32 master weights and optimizer state). deepspeed: a DeepSpeed JSON config holding the ZeRO
+    "cuda" (an error on a machine without CUDA). precision: "fp32", "bf16" (DeepSpeed bf16: bf16 weights and
+    activations, fp32 master weights and optimizer state) or "auto": bf16 where the device computes it natively
+    (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16), fp32 elsewhere; the run prints which it chose.
+    num_threads: intra-op CPU threads per process (null: torch's default, all cores). deepspeed: a DeepSpeed JSON config holding the ZeRO
     settings (relative paths are looked up in the working directory, then in the project root).
     """
 
-    output_dir: str = "outputs/tiny"
+    output_dir: str = "outputs/default"
     seed: int = 0
     max_steps: int = 300
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     deepspeed: str = "configs/deepspeed/zero0.json"
-    num_threads: Optional[int] = 1
+    num_threads: Optional[int] = None
 
     def validate(self) -> None:
         self._at_least(1, "max_steps", "num_threads")
@@ -102,33 +107,34 @@ class ModelConfig(Section):
     """The Flamingo model: either ``tiny`` bases (built offline) or named pretrained bases, plus the added parts.
 
     clip_vision_encoder_path / clip_vision_encoder_pretrained: open_clip model name and pretrained tag (or file);
-    lang_encoder_path / tokenizer_path: Hugging Face hub ids or local directories. freeze_vision / freeze_lm: keep
-    the base weights frozen (as OpenFlamingo does); the tiny default trains them since they start random.
+    lang_encoder_path / tokenizer_path: Hugging Face hub ids or local directories. Named offline bases
+    (``efficientnet-lite0``/``-lite2`` + ``imagenet``, ``smollm2-135m``; see vlm.bases) work everywhere these do.
+    freeze_vision / freeze_lm: keep the base weights frozen (as OpenFlamingo does); tiny random bases must train.
     activation_checkpointing: recompute the LM decoder layers, cross-attention blocks and resampler layers in the
     backward pass. gate_init: start value of the cross-attention tanh gates; null keeps the model's 0 (the blocks
     start as the identity, right for a pretrained LM). From-scratch bases need open gates: with a random LM and
     vision tower, gates at 0 get no consistent gradient and the visual pathway never starts to learn.
     """
 
-    tiny: Optional[TinyBasesConfig] = field(default_factory=TinyBasesConfig)
-    clip_vision_encoder_path: Optional[str] = None
-    clip_vision_encoder_pretrained: Optional[str] = None
-    lang_encoder_path: Optional[str] = None
-    tokenizer_path: Optional[str] = None
+    tiny: Optional[TinyBasesConfig] = None
+    clip_vision_encoder_path: Optional[str] = "efficientnet-lite0"
+    clip_vision_encoder_pretrained: Optional[str] = "imagenet"
+    lang_encoder_path: Optional[str] = "smollm2-135m"
+    tokenizer_path: Optional[str] = "smollm2-135m"
     use_local_files: bool = False
-    cross_attn_every_n_layers: int = 1
+    cross_attn_every_n_layers: int = 5
     decoder_layers_attr_name: Optional[str] = None
     resampler_depth: int = 2
-    resampler_num_latents: int = 8
-    resampler_num_heads: int = 4
-    resampler_head_channels: int = 16
-    cross_attn_num_heads: int = 4
-    cross_attn_head_channels: int = 16
-    freeze_vision: bool = False
-    freeze_lm: bool = False
+    resampler_num_latents: int = 16
+    resampler_num_heads: int = 8
+    resampler_head_channels: int = 64
+    cross_attn_num_heads: int = 8
+    cross_attn_head_channels: int = 64
+    freeze_vision: bool = True
+    freeze_lm: bool = True
     freeze_lm_embeddings: bool = False
     activation_checkpointing: bool = False
-    gate_init: Optional[float] = 0.5
+    gate_init: Optional[float] = None
 
     def validate(self) -> None:
         if self.gate_init is not None and not (-1 < self.gate_init < 1):
@@ -381,7 +387,8 @@ class LoggingConfig(Section):
 @dataclass
 class EvalConfig(Section):
     """Periodic evaluation (held-out loss on ``batches`` batches and a few generations) and the final few-shot
-    demonstration: ``final_queries`` held-out images captioned after ``num_shots`` demonstrations."""
+    demonstration: ``final_queries`` held-out images captioned after ``num_shots`` demonstrations, scored, and with
+    ``final_ablation`` scored again with every image replaced by a constant one (what the text alone gives)."""
 
     every_steps: int = 100
     batches: int = 2
@@ -389,7 +396,8 @@ class EvalConfig(Section):
     num_shots: int = 2
     max_new_tokens: int = 32
     final_few_shot: bool = True
-    final_queries: int = 6
+    final_queries: int = 64
+    final_ablation: bool = True
 
     def validate(self) -> None:
         self._at_least(0, "every_steps", "batches", "num_generations", "num_shots", "final_queries")
@@ -398,7 +406,7 @@ class EvalConfig(Section):
 
 @dataclass
 class TrainConfig(Section):
-    """The whole job. ``TrainConfig()`` is the embedded default (``configs/tiny.yaml``)."""
+    """The whole job. ``TrainConfig()`` is the embedded default (``configs/default.yaml``)."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -46,6 +46,33 @@ def resolve_device(run: RunConfig) -> str:
     return run.device
 
 
+def cpu_bf16_features() -> list[str]:
+    """The CPU's native bf16 features (``amx_bf16``, ``avx512_bf16``) as Linux lists them; [] where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+    except OSError:
+        pass
+    return []
+
+
+def resolve_precision(run: RunConfig, device: str) -> tuple[str, str]:
+    """("fp32" | "bf16", why). ``auto`` takes bf16 where the device computes it natively, fp32 elsewhere."""
+    if run.precision != "auto":
+        return run.precision, "set by run.precision"
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU computes bf16 natively"
+        return "fp32", "auto: the GPU has no native bf16"
+    features = cpu_bf16_features()
+    if features:
+        return "bf16", f"auto: the CPU has {' and '.join(features)}"
+    return "fp32", "auto: the CPU has no native bf16 (no amx_bf16 / avx512_bf16)"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -85,4 +85,23 @@ def initialize_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_con
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if ds_config.get("bf16", {}).get("enabled"):
+        keep_frozen_batch_norm_fp32(engine.module)
     return engine
+
+
+def keep_frozen_batch_norm_fp32(model: nn.Module) -> int:
+    """Frozen BatchNorm layers (a convolutional vision tower) back to fp32 after DeepSpeed's bf16 cast.
+
+    DeepSpeed casts parameters to bf16 but keeps buffers in fp32, and batch norm cannot mix a bf16 weight with
+    fp32 running statistics; with all of them in fp32 it takes bf16 inputs and returns bf16. Trainable BatchNorm
+    layers are left to DeepSpeed (its optimizer holds their bf16 parameters). Returns the number of layers kept.
+    """
+    kept = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.float()
+            kept += 1
+    return kept

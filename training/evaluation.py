@@ -107,6 +107,20 @@ def few_shot_captions(
     return [FewShotSample(true, text.strip()) for (_, true), text in zip(queries, generated)]
 
 
+def constant_images(demonstrations: list, queries: list) -> tuple[list, list]:
+    """The same (image, text) lists with every image replaced by one constant image (zeros after normalisation:
+    the dataset's mean colour), for the image-ablated control."""
+    blank = [(torch.zeros_like(image), text) for image, text in demonstrations]
+    return blank, [(torch.zeros_like(image), text) for image, text in queries]
+
+
+def format_scene_scores(scores: dict[str, float]) -> str:
+    return (
+        f"exact: {scores['exact_match']:.0%}  well-formed: {scores['well_formed']:.0%}  "
+        f"attributes right: {scores['attribute_accuracy']:.1%}"
+    )
+
+
 def score_scene_captions(samples: list[FewShotSample]) -> dict[str, float]:
     """Exact-match rate and, for well-formed captions of the synthetic scenes, attribute accuracy."""
     from data_pipelines.synthetic import parse_caption

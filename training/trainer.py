@@ -15,6 +15,7 @@ skipped on every rank (parameters, optimizer moments and the LR schedule untouch
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -45,13 +46,16 @@ from .distributed import (
     broadcast_object,
     main_first,
     resolve_device,
+    resolve_precision,
     setup_distributed,
 )
 from .engine import build_deepspeed_config, initialize_engine, load_deepspeed_json, zero_stage
 from .evaluation import (
     FewShotSample,
+    constant_images,
     demo_examples,
     few_shot_captions,
+    format_scene_scores,
     held_out_loss,
     move_batch,
     score_scene_captions,
@@ -118,6 +122,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         ds_json = preflight(config)
+        # "auto" becomes what this machine runs, and config.yaml records that
+        precision, self.precision_reason = resolve_precision(config.run, resolve_device(config.run))
+        config.run.precision = precision
         self.config = config
         self._threads_before = torch.get_num_threads()
         self.ctx: DistContext = setup_distributed(config.run)
@@ -186,6 +193,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(config.to_yaml())
         self.metrics = MetricsLogger(self.output_dir, config.logging, ctx.is_main, self.step, config.run.max_steps)
+        self.metrics.write(f"precision: {config.run.precision} ({self.precision_reason})")
         if self.resumed_from is not None:
             self.metrics.write(
                 "\n".join([f"resumed from {self.resumed_from} at step {self.step}", *self._resume_notes])
@@ -456,8 +464,10 @@ class Trainer:
     def few_shot_demo(self, num_queries: Optional[int] = None, from_export: bool = True) -> list[FewShotSample]:
         """Caption held-out images after ``eval.num_shots`` demonstrations; print them next to the true captions.
 
-        With ``from_export`` (and an export present) rank 0 loads the exported model with
-        ``Flamingo.from_pretrained`` -- no DeepSpeed -- and the other ranks return nothing.
+        With ``eval.final_ablation`` the same prompts are run again with every image replaced by a constant one and
+        scored too: the gap between the two is what the model reads from the pictures. With ``from_export`` (and an
+        export present) rank 0 loads the exported model with ``Flamingo.from_pretrained`` -- no DeepSpeed -- and the
+        other ranks return nothing. The scores are also written to ``<output_dir>/few_shot.json``.
         """
         cfg = self.config.eval
         n = cfg.final_queries if num_queries is None else num_queries
@@ -468,28 +478,40 @@ class Trainer:
         if from_export and (export / "flamingo_config.json").is_file():
             if not self.ctx.is_main:
                 return []
-            model = load_exported(export).to(self.device).eval()
-            samples = few_shot_captions(model, demos, queries, cfg.max_new_tokens, torch.float32)
-            source = f"exported model {export}"
+            model = load_exported(export).to(self.device).eval()  # fp32, as a user loads it
+            dtype, synced, source = torch.float32, False, f"exported model {export}"
         else:
+            model, dtype, synced, source = self.model, self.dtype, self._synced_generation, "trained model"
             self.engine.eval()
-            samples = few_shot_captions(
-                self.model, demos, queries, cfg.max_new_tokens, self.dtype, synced=self._synced_generation
-            )
+
+        def caption(demonstrations, query_images):
+            return few_shot_captions(model, demonstrations, query_images, cfg.max_new_tokens, dtype, synced=synced)
+
+        samples = caption(demos, queries)
+        ablated = caption(*constant_images(demos, queries)) if cfg.final_ablation else None
+        if model is self.model:
             self.engine.train()
-            source = "trained model"
-            if not self.ctx.is_main:
-                return samples
+        if not self.ctx.is_main:
+            return samples
         scores = score_scene_captions(samples)
         print(f"\nfew-shot captions of held-out images ({cfg.num_shots} demonstrations, {source}):", flush=True)
-        for i, s in enumerate(samples):
+        for i, s in enumerate(samples[:8]):
             mark = "=" if s.exact else "x"
             print(f"  [{i}] {mark} true:      {s.true}\n        generated: {s.generated}", flush=True)
-        print(
-            f"exact: {scores['exact_match']:.0%}  well-formed: {scores['well_formed']:.0%}  "
-            f"attributes right: {scores['attribute_accuracy']:.0%}",
-            flush=True,
-        )
+        if len(samples) > 8:
+            print(f"  ... ({len(samples) - 8} more)", flush=True)
+        report = {"num_queries": len(samples), "num_shots": cfg.num_shots, "images": scores}
+        lines = [f"{len(samples)} held-out images:", "  images:          " + format_scene_scores(scores)]
+        if ablated is not None:
+            report["ablated"] = score_scene_captions(ablated)
+            lines.append("  images ablated:  " + format_scene_scores(report["ablated"]) + "   (constant image)")
+            ablated_lines = [f"  ablated: {s.generated}" for s in ablated[:2]]
+            lines += ablated_lines
+        print("\n".join(lines), flush=True)
+        report["samples"] = [{"true": s.true, "generated": s.generated} for s in samples]
+        if ablated is not None:
+            report["ablated_samples"] = [{"true": s.true, "generated": s.generated} for s in ablated]
+        (self.output_dir / "few_shot.json").write_text(json.dumps(report, indent=2))
         return samples
 
     def close(self) -> None:

@@ -29,7 +29,9 @@ def create_model_and_transforms(
 
     ``clip_vision_encoder_path`` is an open_clip model name, ``clip_vision_encoder_pretrained`` an
     open_clip pretrained tag, a local checkpoint file, or None (random weights).
-    ``lang_encoder_path`` / ``tokenizer_path`` are hub ids or local directories. ``<|endofchunk|>``
+    ``lang_encoder_path`` / ``tokenizer_path`` are hub ids, local directories, or named offline bases
+    (:mod:`vlm.bases`: ``"efficientnet-lite0"``, ``"efficientnet-lite2"`` for the vision tower, ``"smollm2-135m"``
+    for the LM and tokenizer; prepared once into a cache directory, then read from there). ``<|endofchunk|>``
     and ``<image>`` (and ``<PAD>`` if the tokenizer has no pad token) are added to the tokenizer in
     OpenFlamingo's order, so token ids agree with OpenFlamingo's. Further keyword arguments are
     :class:`~vlm.config.FlamingoConfig` fields (resampler/cross-attention sizes, ...).
@@ -38,6 +40,8 @@ def create_model_and_transforms(
     and ``model.tokenizer``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .bases import resolve_language_path
 
     config = FlamingoConfig(
         clip_vision_encoder_path=clip_vision_encoder_path,
@@ -49,7 +53,7 @@ def create_model_and_transforms(
         freeze_lm_embeddings=freeze_lm_embeddings,
         **config_kwargs,
     )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=use_local_files)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_language_path(tokenizer_path), local_files_only=use_local_files)
     num_base = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK_TOKEN, MEDIA_TOKEN]})
     if tokenizer.pad_token is None:
@@ -60,7 +64,9 @@ def create_model_and_transforms(
     if num_new < 1:
         raise ValueError(f"the tokenizer at {tokenizer_path!r} already has {MEDIA_TOKEN} and {END_OF_CHUNK_TOKEN}")
 
-    lang_encoder = AutoModelForCausalLM.from_pretrained(lang_encoder_path, local_files_only=use_local_files)
+    lang_encoder = AutoModelForCausalLM.from_pretrained(
+        resolve_language_path(lang_encoder_path), local_files_only=use_local_files
+    )
     vision_encoder, image_processor = create_vision_encoder(
         clip_vision_encoder_path, clip_vision_encoder_pretrained, frozen=config.freeze_vision_encoder
     )

@@ -68,7 +68,11 @@ def write_karpathy(root: Path, num_train: int = 6, num_restval: int = 2, num_tes
     """``dataset_coco.json`` + ``images/{train2014,val2014}/`` in the Karpathy layout; returns (json, image root)."""
     images = []
     seed = 100
-    for split, n, folder in (("train", num_train, "train2014"), ("restval", num_restval, "val2014"), ("test", num_test, "val2014")):
+    for split, n, folder in (
+        ("train", num_train, "train2014"),
+        ("restval", num_restval, "val2014"),
+        ("test", num_test, "val2014"),
+    ):
         (root / "images" / folder).mkdir(parents=True, exist_ok=True)
         for _ in range(n):
             name = f"COCO_{folder}_{seed:012d}.jpg"

@@ -14,12 +14,12 @@ from .datasets import (
     load_vqa,
 )
 from .demos import RICES, RandomDemos, cached_image_features, eval_indices, image_features
-from .inference import Prompt, class_log_likelihoods, generate
+from .inference import class_log_likelihoods, generate
 from .metrics import bleu4, caption_scores, cider
 from .models import load_model
 from .report import format_table, plot_results, write_results
 from .runner import evaluate, evaluate_captioning, evaluate_classification, evaluate_vqa
-from .tasks import CaptioningTask, ClassificationTask, Task, VQATask
+from .tasks import CaptioningTask, ClassificationTask, Prompt, Task, VQATask
 from .vqa_metric import normalize_vqa_answer, vqa_accuracy, vqa_question_accuracy
 
 __all__ = [

@@ -90,7 +90,12 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def image_features(
-    model, paths: Sequence[str], batch_size: int = 32, num_workers: int = 0, desc: str = "RICES features"
+    model,
+    paths: Sequence[str],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    desc: str = "RICES features",
+    progress: bool = True,
 ) -> Tensor:
     """Pooled, L2-normalised vision features (N, D) of image files: ``model.vision_encoder`` tokens
     (N, v, D) averaged over v (valid for any tower), as float32 on the CPU."""
@@ -99,7 +104,7 @@ def image_features(
         _ImageFiles(paths, model.image_processor), batch_size=batch_size, num_workers=num_workers
     )
     feats = []
-    for images in tqdm(loader, desc=desc, leave=False):
+    for images in tqdm(loader, desc=desc, leave=False, disable=not progress):
         tokens = model.vision_encoder(images.to(param.device, param.dtype))  # (N, v, D)
         pooled = tokens.float().mean(dim=1)  # (N, D)
         feats.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
@@ -113,6 +118,7 @@ def cached_image_features(
     batch_size: int = 32,
     num_workers: int = 0,
     fingerprint: Optional[str] = None,
+    progress: bool = True,
 ) -> Tensor:
     """Features (len(dataset), D) of each sample's image, computed once per unique image file and cached
     at ``cache_dir/rices/<key>.pt``, key = vision fingerprint + data fingerprint (None: no cache)."""
@@ -126,7 +132,7 @@ def cached_image_features(
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached["num_images"] == len(paths):
                 return cached["features"][cached["index"]]
-    feats = image_features(model, paths, batch_size, num_workers, desc=f"RICES features ({dataset.split})")
+    feats = image_features(model, paths, batch_size, num_workers, f"RICES features ({dataset.split})", progress)
     position = {p: i for i, p in enumerate(paths)}
     index = torch.tensor([position[p] for p in dataset.image_paths()], dtype=torch.long)
     if path is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,12 +17,7 @@ from torch import Tensor
 from ..factory import MEDIA_TOKEN
 from ..processor import FlamingoInputs, FlamingoProcessor
 from .datasets import open_image
-
-
-@dataclass
-class Prompt:
-    text: str  # one MEDIA_TOKEN per image
-    images: list[Optional[str]]  # image paths in order; None = the constant image
+from .tasks import Prompt
 
 
 def prompt_items(text: str, images: Sequence) -> list:
@@ -150,6 +144,9 @@ def class_log_likelihoods(
             if s == 0 or s >= len(row):
                 raise ValueError(f"class {class_names[cs[r % len(cs)]]!r} adds no token after the prompt")
         length = max(map(len, rows))
+        limit = getattr(model, "max_positions", None)
+        if limit is not None and length > limit:
+            raise ValueError(f"prompt + class name is {length} tokens, more than the LM's {limit} positions")
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
         target = torch.zeros(len(rows), length, dtype=torch.bool)  # True at the scored (class) tokens
         for r, (row, s) in enumerate(zip(rows, starts)):

@@ -58,38 +58,55 @@ def _java_stderr_captured() -> Iterator[None]:
             os.close(saved)
 
 
-def ptb_tokenize(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> tuple[dict, dict]:
-    """PTB-tokenize both sides with pycocoevalcap's tokenizer (one ``java`` call): id -> [tokenized, ...]."""
+def ptb_tokenize_strings(strings: Sequence[str]) -> dict[str, str]:
+    """Each distinct string -> its PTB tokenization by pycocoevalcap's tokenizer, in one ``java`` call.
+
+    The tokenizer works line by line (``-preserveLines``), so a string's tokens do not depend on the
+    other strings of the call: tokenizing many sets together gives what tokenizing each alone gives.
+    """
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    _check(candidates, references)
     if shutil.which("java") is None:
         raise RuntimeError("the PTB tokenizer of the COCO caption evaluation needs `java` on PATH (e.g. openjdk)")
-    # Tag each id with its side so one tokenizer run serves both (the tokenizer works line by line).
-    joint = {("c", k): [{"caption": c}] for k, c in candidates.items()}
-    joint.update({("r", k): [{"caption": r} for r in refs] for k, refs in references.items()})
+    unique = list(dict.fromkeys(strings))
     with _java_stderr_captured():
-        tokens = PTBTokenizer().tokenize(joint)
-        if len(tokens) != len(joint):
-            raise ValueError(f"the tokenizer returned {len(tokens)} of {len(joint)} caption groups")
-    res = {k: tokens[("c", k)] for k in candidates}
-    gts = {k: tokens[("r", k)] for k in candidates}
-    return res, gts
+        tokens = PTBTokenizer().tokenize({i: [{"caption": s}] for i, s in enumerate(unique)})
+        if len(tokens) != len(unique):
+            raise ValueError(f"the tokenizer returned {len(tokens)} of {len(unique)} captions")
+    return {s: tokens[i][0] for i, s in enumerate(unique)}
+
+
+def caption_scores_many(
+    sets: Sequence[tuple[Mapping[Hashable, str], Mapping[Hashable, Sequence[str]]]],
+) -> list[dict[str, float]]:
+    """:func:`caption_scores` of several (candidates, references) sets with one tokenizer call; each set
+    is scored on its own (CIDEr's IDF from that set's references)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    for candidates, references in sets:
+        _check(candidates, references)
+    strings = [c for cands, _ in sets for c in cands.values()]
+    strings += [r for _, refs in sets for rs in refs.values() for r in rs]
+    tok = ptb_tokenize_strings(strings)
+    out = []
+    for candidates, references in sets:
+        res = {k: [tok[c]] for k, c in candidates.items()}
+        gts = {k: [tok[r] for r in references[k]] for k in candidates}
+        cider_score, _ = Cider().compute_score(gts, res)
+        with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its n-gram statistics
+            bleu_scores, _ = Bleu(4).compute_score(gts, res)
+        out.append({"cider": float(cider_score), "bleu4": float(bleu_scores[3])})
+    return out
 
 
 def caption_scores(
     candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
 ) -> dict[str, float]:
     """``{"cider": ..., "bleu4": ...}`` of raw candidate captions (id -> str) against raw references
-    (id -> list of str), on pycocoevalcap's scale (not multiplied by 100)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    res, gts = ptb_tokenize(candidates, references)
-    cider_score, _ = Cider().compute_score(gts, res)
-    with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its n-gram statistics
-        bleu_scores, _ = Bleu(4).compute_score(gts, res)
-    return {"cider": float(cider_score), "bleu4": float(bleu_scores[3])}
+    (id -> list of str), on pycocoevalcap's scale (not multiplied by 100): both sides PTB-tokenized,
+    then ``Cider().compute_score`` and ``Bleu(4).compute_score(...)[0][3]`` over the whole set."""
+    return caption_scores_many([(candidates, references)])[0]
 
 
 def cider(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> float:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..processor import FlamingoProcessor
 from .datasets import EvalDataset, default_cache_dir
 from .demos import RICES, RandomDemos, cached_image_features, eval_indices, vision_fingerprint
-from .inference import Prompt, class_log_likelihoods, constant_image, generate, prompt_loader
+from .inference import class_log_likelihoods, constant_image, generate, prompt_loader
 from .tasks import ZERO_SHOT_DEMOS, CaptioningTask, ClassificationTask, Task, VQATask
 
 MODES = ("random", "rices")
@@ -95,36 +95,41 @@ def evaluate(
         fp = vision_fingerprint(model) if cache is not None else None
         feats = {
             name: cached_image_features(
-                model, ds, cache, batch_size=max(batch_size, 32), num_workers=num_workers, fingerprint=fp
+                model,
+                ds,
+                cache,
+                batch_size=max(batch_size, 32),
+                num_workers=num_workers,
+                fingerprint=fp,
+                progress=progress,
             )
             for name, ds in (("train", train), ("test", test))
         }
         rices = (RICES(train, feats["train"]), feats["test"])
 
-    runs = []
     kinds = [(m, False) for m in modes] + ([(m, True) for m in modes] if ablate_images else [])
     grey = constant_image(model.image_processor) if ablate_images else None
+    runs = []
     for mode_name, ablated in kinds:
         for k in shots:
             trials_out = [
-                _run_trial(task, model, processor, test, train, k, seed, mode_name, ablated, rices, grey,
-                           num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress)
+                _infer_trial(task, model, processor, test, train, k, seed, mode_name, ablated, rices, grey,
+                             num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress)
                 for seed in seeds
             ]  # fmt: skip
-            names = list(trials_out[0]["metrics"])
-            runs.append(
-                {
-                    "mode": mode_name,
-                    "ablate_images": ablated,
-                    "shots": k,
-                    "seeds": seeds,
-                    "num_samples": trials_out[0]["num_samples"],
-                    "mean": {n: float(np.mean([t["metrics"][n] for t in trials_out])) for n in names},
-                    # population standard deviation over the trials, as OpenFlamingo (np.nanstd)
-                    "std": {n: float(np.std([t["metrics"][n] for t in trials_out])) for n in names},
-                    "trials": trials_out,
-                }
-            )
+            runs.append({"mode": mode_name, "ablate_images": ablated, "shots": k, "seeds": seeds, "trials": trials_out})
+    # Score every trial at the end (captioning: one tokenizer call for the whole evaluation).
+    trials = [t for r in runs for t in r["trials"]]
+    scored = task.score_many([(t.pop("queries"), t.pop("outputs")) for t in trials])
+    for t, (metrics, records) in zip(trials, scored):
+        t["metrics"] = metrics
+        t["predictions"] = [{**p, **rec} for p, rec in zip(t["predictions"], records)]
+    for r in runs:
+        names = list(r["trials"][0]["metrics"])
+        r["num_samples"] = r["trials"][0]["num_samples"]
+        r["mean"] = {n: float(np.mean([t["metrics"][n] for t in r["trials"]])) for n in names}
+        # population standard deviation over the trials, as OpenFlamingo (np.nanstd)
+        r["std"] = {n: float(np.std([t["metrics"][n] for t in r["trials"]])) for n in names}
     speeds = [t["images_per_s"] for r in runs for t in r["trials"]]
     return {
         "task": task.name,
@@ -151,7 +156,7 @@ def evaluate(
     }
 
 
-def _run_trial(task, model, processor, test, train, k, seed, mode, ablated, rices, grey,
+def _infer_trial(task, model, processor, test, train, k, seed, mode, ablated, rices, grey,
                num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress) -> dict:  # fmt: skip
     indices = eval_indices(len(test), num_samples, seed)
     n_demos = k if k > 0 else ZERO_SHOT_DEMOS
@@ -162,11 +167,7 @@ def _run_trial(task, model, processor, test, train, k, seed, mode, ablated, rice
     else:
         sampler = RandomDemos(train, query_set_size, seed)
         demos = [sampler.select(i, q.image, n_demos) for i, q in zip(indices, queries)]
-    prompts = []
-    for q, d in zip(queries, demos):
-        shown = [train[j] for j in d]
-        images = ([s.image for s in shown] if k > 0 else []) + [q.image]
-        prompts.append(Prompt(task.prompt(shown, q, zero_shot=k == 0), [None] * len(images) if ablated else images))
+    prompts = [task.build_prompt([train[j] for j in d], q, k, ablated) for q, d in zip(queries, demos)]
 
     label = f"{task.name} {mode}{' ablated' if ablated else ''} {k}-shot seed {seed}"
     loader = prompt_loader(prompts, processor, batch_size, grey, num_workers)
@@ -188,23 +189,23 @@ def _run_trial(task, model, processor, test, train, k, seed, mode, ablated, rice
             bar.update(n)
     seconds = time.perf_counter() - start
     if isinstance(task, ClassificationTask):
-        metrics, records = task.score(queries, outputs)
+        scored = outputs  # class indices, best first
         predictions = [{"prediction": task.class_names[o[0]]} for o in outputs]
     else:
-        cleaned = [task.postprocess(o) for o in outputs]
-        metrics, records = task.score(queries, cleaned)
-        predictions = [{"prediction": c, "raw": o} for c, o in zip(cleaned, outputs)]
-    per_sample = [
-        {"id": q.id, "image": q.image, **p, **r, "demonstrations": [train[j].id for j in d]}
-        for q, p, r, d in zip(queries, predictions, records, demos)
+        scored = [task.postprocess(o) for o in outputs]
+        predictions = [{"prediction": c, "raw": o} for c, o in zip(scored, outputs)]
+    predictions = [
+        {"id": q.id, "image": q.image, **p, "demonstrations": [train[j].id for j in d]}
+        for q, p, d in zip(queries, predictions, demos)
     ]
     return {
         "seed": seed,
-        "metrics": metrics,
         "num_samples": len(queries),
         "seconds": seconds,
         "images_per_s": len(queries) / seconds if seconds > 0 else float("inf"),
-        "predictions": per_sample,
+        "predictions": predictions,
+        "queries": queries,
+        "outputs": scored,
     }
 
 

@@ -16,10 +16,18 @@ from typing import Optional
 
 from ..factory import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from .datasets import CaptionSample, ClassificationSample, VQASample
-from .metrics import caption_scores
+from .metrics import caption_scores_many
 from .vqa_metric import vqa_question_accuracy
 
 ZERO_SHOT_DEMOS = 2  # text-only demonstrations of a zero-shot prompt (OpenFlamingo's effective shots)
+
+
+@dataclass
+class Prompt:
+    """A prompt's text, with one ``<image>`` per image, and its image files (None = the constant image)."""
+
+    text: str
+    images: list[Optional[str]]
 
 
 def _query_prefix(template: str, field_name: str) -> str:
@@ -74,6 +82,15 @@ class Task:
             context = context.replace(MEDIA_TOKEN, "")
         return context + self.query_text(query)
 
+    def build_prompt(self, demos: Sequence, query, shots: int, ablate_images: bool = False) -> Prompt:
+        """The query's prompt after its demonstrations (``shots == 0``: their text only, no images);
+        ``ablate_images`` keeps the text and replaces every image by the constant image (None)."""
+        zero_shot = shots == 0
+        if not zero_shot and len(demos) != shots:
+            raise ValueError(f"{shots}-shot prompt given {len(demos)} demonstrations")
+        images = ([] if zero_shot else [d.image for d in demos]) + [query.image]
+        return Prompt(self.prompt(demos, query, zero_shot), [None] * len(images) if ablate_images else images)
+
     def generation_kwargs(self) -> dict:
         kw = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": False}
         if self.num_beams > 1:
@@ -82,6 +99,14 @@ class Task:
 
     def postprocess(self, text: str) -> str:
         return cut_at_stop_words(text, self.stop_words).strip()
+
+    def score(self, samples: Sequence, outputs: Sequence) -> tuple[dict, list[dict]]:
+        """(metrics in percent, one record per sample) of one trial's post-processed outputs."""
+        raise NotImplementedError
+
+    def score_many(self, trials: Sequence[tuple[Sequence, Sequence]]) -> list[tuple[dict, list[dict]]]:
+        """:meth:`score` of several trials, each (samples, outputs)."""
+        return [self.score(samples, outputs) for samples, outputs in trials]
 
 
 @dataclass
@@ -102,11 +127,15 @@ class CaptioningTask(Task):
         return cut_at_stop_words(text, self.stop_words).replace('"', "").strip()
 
     def score(self, samples: Sequence[CaptionSample], predictions: Sequence[str]) -> tuple[dict, list[dict]]:
-        cands = {s.id: p for s, p in zip(samples, predictions)}
-        refs = {s.id: s.captions for s in samples}
-        scores = caption_scores(cands, refs)
-        records = [{"references": s.captions} for s in samples]
-        return {"cider": 100 * scores["cider"], "bleu4": 100 * scores["bleu4"]}, records
+        return self.score_many([(samples, predictions)])[0]
+
+    def score_many(self, trials: Sequence[tuple[Sequence, Sequence]]) -> list[tuple[dict, list[dict]]]:
+        sets = [({s.id: p for s, p in zip(ss, ps)}, {s.id: s.captions for s in ss}) for ss, ps in trials]
+        scores = caption_scores_many(sets)
+        return [
+            ({"cider": 100 * sc["cider"], "bleu4": 100 * sc["bleu4"]}, [{"references": s.captions} for s in ss])
+            for sc, (ss, _) in zip(scores, trials)
+        ]
 
 
 @dataclass

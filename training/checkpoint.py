@@ -557,37 +557,23 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_export_leftovers(export_dir: Path, exclusive: bool) -> list[str]:
     """Remove what a run killed during export leaves next to ``export_dir``: ``.<name>-old-<pid>`` (the previous
-    export, moved aside) and ``.<name>-XXXX`` staging directories. If the kill came between moving the previous
-    export aside and renaming the new one into place, the previous export is put back instead of deleted.
+    export, moved aside) and ``.<name>-XXXX`` staging directories. Nothing is put back: if the kill left no export,
+    the next run exports again from its final checkpoint (an older export would be stale).
 
     ``exclusive``: the caller holds the lock of the directory containing ``export_dir`` (no other run can be
-    exporting there); otherwise only leftovers of processes that no longer exist are touched.
-    Returns what was done, one line per directory."""
+    exporting there); otherwise only ``-old-<pid>`` leftovers of processes that no longer exist are removed.
+    Returns one line per removed directory."""
     export_dir = Path(export_dir).resolve()
     parent = export_dir.parent
     if not parent.is_dir():
         return []
     old_re = re.compile(rf"^\.{re.escape(export_dir.name)}-old-(\d+)$")
     done: list[str] = []
-    old_dirs, staging_dirs = [], []
-    for p in parent.iterdir():
+    for p in sorted(parent.iterdir()):
         if not p.is_dir() or not p.name.startswith(f".{export_dir.name}-"):
             continue
         m = old_re.match(p.name)
-        if m is not None:
-            pid = int(m.group(1))
-            if exclusive or (pid != os.getpid() and not _pid_alive(pid)):
-                old_dirs.append(p)
-        elif exclusive:
-            staging_dirs.append(p)
-    if not export_dir.exists():
-        complete = [p for p in old_dirs if (p / "flamingo_config.json").is_file()]
-        if complete:
-            newest = max(complete, key=lambda p: p.stat().st_mtime)
-            os.replace(newest, export_dir)
-            old_dirs.remove(newest)
-            done.append(f"restored the previous export {export_dir} from {newest.name} (left by an interrupted export)")
-    for p in old_dirs + staging_dirs:
-        shutil.rmtree(p, ignore_errors=True)
-        done.append(f"removed {p} (left by an interrupted export)")
+        if exclusive or (m is not None and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p} (left by an interrupted export)")
     return done

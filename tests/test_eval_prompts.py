@@ -5,6 +5,7 @@ import pytest
 from vlm.eval import CaptioningTask, CaptionSample, ClassificationTask, VQASample, VQATask
 from vlm.eval.datasets import ClassificationSample
 from vlm.eval.inference import prompt_items
+from vlm.eval.runner import aggregate_trials
 
 DEMOS = [CaptionSample("a", "a.jpg", [" A cat. ", "other"]), CaptionSample("b", "b.jpg", ["Two dogs"])]
 QUERY = CaptionSample("q", "q.jpg", ["unused"])
@@ -73,3 +74,11 @@ def test_prompt_items_interleave_images():
     assert prompt_items("<image>Output:", ["img"]) == ["img", "Output:"]
     with pytest.raises(ValueError, match="2 <image> markers but 1 images"):
         prompt_items("<image><image>", [1])
+
+
+def test_trials_are_aggregated_as_mean_and_population_std():
+    mean, std = aggregate_trials(
+        [{"cider": 10.0, "bleu4": 1.0}, {"cider": 20.0, "bleu4": 1.0}, {"cider": 30.0, "bleu4": 4.0}]
+    )
+    assert mean == pytest.approx({"cider": 20.0, "bleu4": 2.0})
+    assert std == pytest.approx({"cider": (200 / 3) ** 0.5, "bleu4": 2**0.5})

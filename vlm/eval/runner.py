@@ -36,6 +36,14 @@ def _modes(mode: Union[str, Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
+def aggregate_trials(metrics: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and population standard deviation (ddof 0, OpenFlamingo's ``np.nanstd``) of each metric over trials."""
+    names = list(metrics[0])
+    mean = {n: float(np.mean([m[n] for m in metrics])) for n in names}
+    std = {n: float(np.std([m[n] for m in metrics])) for n in names}
+    return mean, std
+
+
 def model_identity(model) -> dict:
     """What names a model in the results: its Flamingo config (bases, sizes) and token ids."""
     cfg = getattr(model, "config", None)
@@ -125,11 +133,8 @@ def evaluate(
         t["metrics"] = metrics
         t["predictions"] = [{**p, **rec} for p, rec in zip(t["predictions"], records)]
     for r in runs:
-        names = list(r["trials"][0]["metrics"])
         r["num_samples"] = r["trials"][0]["num_samples"]
-        r["mean"] = {n: float(np.mean([t["metrics"][n] for t in r["trials"]])) for n in names}
-        # population standard deviation over the trials, as OpenFlamingo (np.nanstd)
-        r["std"] = {n: float(np.std([t["metrics"][n] for t in r["trials"]])) for n in names}
+        r["mean"], r["std"] = aggregate_trials([t["metrics"] for t in r["trials"]])
     speeds = [t["images_per_s"] for r in runs for t in r["trials"]]
     return {
         "task": task.name,

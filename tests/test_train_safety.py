@@ -416,3 +416,41 @@ def test_gradient_clipping_is_applied(cache, tmp_path, stage):
         trainer.close()
     assert all(r["grad_norm"] > 10 * clip for r in records)  # unclipped norms, as logged
     assert norms == pytest.approx([clip, clip], rel=1e-3)
+
+
+def test_broken_shards_are_reported_before_any_work(cache, tmp_path, capsys):
+    """A 0-byte or non-tar shard is a configuration error naming the key and the file (preflight: no model, no
+    data loading); a brace range with missing shards is a warning with the count."""
+    from data_helpers import write_pair_shards
+
+    from training.trainer import preflight
+
+    shards = tmp_path / "shards"
+    write_pair_shards(shards, count=12, per_shard=4)  # pairs-000000..000002.tar
+    range_spec = str(shards / "pairs-{000000..000004}.tar")
+    config = small_config(cache, tmp_path / "run", f"data.pairs.sources=[{{shards: '{range_spec}'}}]")
+    preflight(config)
+    err = capsys.readouterr().err
+    assert "warning: data.pairs.sources[0].shards: 2 of 5 shards of" in err and "using the other 3" in err
+    for content in (b"", b"<html>404 not found</html>" * 30):
+        (shards / "pairs-000001.tar").write_bytes(content)
+        config = small_config(cache, tmp_path / "run", f"data.pairs.sources=[{{shards: '{shards}'}}]")
+        with pytest.raises(ConfigError, match=r"data\.pairs\.sources\[0\]\.shards: 1 of 3 shard") as info:
+            preflight(config)
+        assert str(shards / "pairs-000001.tar") in str(info.value)
+
+
+@pytest.mark.timeout(300)
+def test_training_on_a_source_of_corrupt_images_stops_with_its_name(cache, tmp_path):
+    """It used to spin forever without a step; now the first step fails once 1000 samples in a row were skipped."""
+    from data_helpers import write_pair_shards
+
+    from data_pipelines import DataSourceError
+
+    shards = tmp_path / "bad"
+    write_pair_shards(shards, count=40, per_shard=20, corrupt=tuple(range(40)))
+    config = small_config(
+        cache, tmp_path / "run", "run.max_steps=2", f"data.pairs.sources=[{{shards: '{shards}', name: scraped}}]"
+    )
+    with pytest.raises(DataSourceError, match=r"source 'scraped': the last \d+ samples in a row .* corrupt_image"):
+        run_training(config)

@@ -50,7 +50,9 @@ def test_a_dead_source_among_healthy_ones_is_named(tmp_path, tokenizer) -> None:
     )
     loader = ShardLoader(config, tokenizer, SmallTransform())
     batches = iter(loader)
-    with pytest.raises(DataSourceError, match=r"source 'broken': the last (3[0-3]) samples in a row .*corrupt_image x\1") as err:
+    with pytest.raises(
+        DataSourceError, match=r"source 'broken': the last (3[0-3]) samples in a row .*corrupt_image x\1"
+    ) as err:
         for _ in range(1000):
             next(batches)
     assert "laion" not in str(err.value).split("Shards:")[0]

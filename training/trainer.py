@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import (
+    CheckpointError,
     CheckpointManager,
     apply_configured_schedule,
     capture_rng,
@@ -213,12 +214,12 @@ class Trainer:
         if self.ctx.is_main:
             try:
                 found = manager.find_resumable()
-            except RuntimeError as e:
+            except CheckpointError as e:
                 error = str(e)
             self._resume_notes += manager.warnings
         found, error = broadcast_object((None if found is None else str(found), error))
         if error is not None:
-            raise RuntimeError(error)
+            raise CheckpointError(error)
         self._resume_verified = found is not None
         return None if found is None else Path(found)
 

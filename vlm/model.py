@@ -212,11 +212,13 @@ class Flamingo(nn.Module):
                 f"vision_x has dtype {vision_x.dtype}; expected preprocessed floating-point pixels (run the images "
                 "through the model's image_processor, or vlm.FlamingoProcessor), not raw uint8/integer values"
             )
-        weight = next(self.vision_encoder.parameters(), None)
-        if weight is not None and weight.is_floating_point() and vision_x.dtype != weight.dtype:
+        # the tower's floating dtypes (a set: frozen batch norm may stay float32 in a bf16 tower)
+        dtypes = {p.dtype for p in self.vision_encoder.parameters() if p.is_floating_point()}
+        if dtypes and vision_x.dtype not in dtypes:
+            want = sorted(str(d) for d in dtypes)
             raise ValueError(
-                f"vision_x has dtype {vision_x.dtype}, but the vision tower's weights are {weight.dtype}; "
-                f"convert it first (vision_x.to({weight.dtype}))"
+                f"vision_x has dtype {vision_x.dtype}, but the vision tower's weights are {' / '.join(want)}; "
+                f"convert it first (vision_x.to({want[0]}))"
             )
         expected = self.image_shape
         if expected is not None and tuple(vision_x.shape[3:]) != expected:

@@ -454,3 +454,30 @@ def test_training_on_a_source_of_corrupt_images_stops_with_its_name(cache, tmp_p
     )
     with pytest.raises(DataSourceError, match=r"source 'scraped': the last \d+ samples in a row .* corrupt_image"):
         run_training(config)
+
+
+@pytest.mark.slow
+def test_train_py_exits_with_code_2_when_the_output_dir_is_taken(cache, tmp_path):
+    """The command line: a second job on a directory another process holds stops at start-up, before any work."""
+    from train_helpers import ROOT, small_args
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path), str(ROOT)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        proc = subprocess.run(
+            [sys.executable, "training/train.py", *small_args(cache, tmp_path, "run.max_steps=1")],
+            cwd=ROOT,
+            env={**env, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"'{tmp_path}' is in use by another run (pid {holder.pid} on host" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()

@@ -103,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="demonstration template with <image> and the answer field "
         "({caption} / {question},{answer} / {class_name})",
     )
-    g.add_argument("--demo-separator", default="", help='text after each demonstration (e.g. "\\n")')
+    g.add_argument(
+        "--demo-separator",
+        default="",
+        help='text after each demonstration; "\\n" is what OpenFlamingo\'s released evaluate.py uses',
+    )
     g.add_argument(
         "--stop-words",
         nargs="*",
@@ -197,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     task_kw = {
         "num_beams": args.num_beams,
         "length_penalty": args.length_penalty,
-        "demo_separator": args.demo_separator,
+        "demo_separator": args.demo_separator.replace("\\n", "\n"),  # a typed \n is a newline
     }
     if args.template:
         task_kw["template"] = args.template

@@ -54,7 +54,8 @@ class Task:
     max_new_tokens: int = 20
     num_beams: int = 3
     length_penalty: float = 0.0
-    demo_separator: str = ""  # appended after each demonstration (OpenFlamingo's code base uses "" or "\n")
+    # Appended after each demonstration; OpenFlamingo's released evaluate.py appends "\n" for captioning and VQA.
+    demo_separator: str = ""
     name: str = field(init=False, default="")
     metric: str = field(init=False, default="")
 

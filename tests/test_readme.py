@@ -71,3 +71,11 @@ def test_readme_example(index, monkeypatch):
             assert torch.equal(greedy, ns["ar"].generate(prompt, max_new_tokens=20, temperature=0.0, use_cache=False))
             logits = ns["ar"](prompt, num_latents=1)  # the first greedy token: argmax after the prompt (1 latent)
             assert torch.equal(greedy[:, 300], logits[:, -1].argmax(-1))
+        if "tokenizer" in ns and "image_processor" in ns:  # Flamingo on the offline pretrained bases
+            model, tokenizer = ns["model"], ns["tokenizer"]
+            assert model.config.lang_encoder_path == "smollm2-135m" and len(tokenizer) == 49152 + 3
+            assert model.vision_encoder.num_channels == 1280 and len(model.gated_cross_attn_layers) == 6
+            ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+            vision_x = torch.zeros(1, 1, 1, 3, 224, 224)
+            next_token = model(vision_x, ids).logits[0, -1].argmax()  # gates at 0: the pretrained LM's own answer
+            assert tokenizer.decode(next_token) == " Paris"

@@ -40,7 +40,29 @@ def resolve_bases(cfg: ModelConfig, cache_dir: str) -> tuple[dict[str, Any], Opt
         "lang_encoder_path": cfg.lang_encoder_path,
         "tokenizer_path": cfg.tokenizer_path,
     }
+    prepare_named_bases(names)
     return names, None
+
+
+def prepare_named_bases(names: dict[str, Any]) -> None:
+    """Prepare the offline pretrained bases named (vlm.bases) into their cache now, reporting the one-time cost
+    apart from the run's own time (a prepared base is found in well under a second)."""
+    import time
+
+    from vlm import bases
+
+    for key, prepare in (
+        ("clip_vision_encoder_path", bases.prepare_vision_base),
+        ("lang_encoder_path", bases.prepare_language_base),
+        ("tokenizer_path", bases.prepare_language_base),
+    ):
+        name = names[key]
+        if name in bases.VISION_BASES or name in bases.LANGUAGE_BASES:
+            start = time.perf_counter()
+            prepare(name)
+            seconds = time.perf_counter() - start
+            if seconds > 2:
+                print(f"prepared base {name!r} in {seconds:.0f} s (once; cached in {bases.cache_dir()})", flush=True)
 
 
 def build_model(cfg: ModelConfig, bases: dict[str, Any], seed: int):

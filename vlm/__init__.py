@@ -2,6 +2,7 @@
 Perceiver Resampler turns into latent tokens, read by gated cross-attention layers inserted into a
 frozen Hugging Face causal language model, prompted with interleaved images and text."""
 
+from . import bases
 from .config import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock, media_attention_mask
 from .embeddings import DecoupledEmbedding, DecoupledLMHead
@@ -34,4 +35,5 @@ __all__ = [
     "find_decoder_layers",
     "load_openflamingo_checkpoint",
     "media_attention_mask",
+    "bases",
 ]

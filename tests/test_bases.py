@@ -151,7 +151,9 @@ def test_missing_package_names_it_and_the_install_command(monkeypatch, tmp_path)
 
 
 def test_prepared_once_then_reused(tmp_path):
+    assert not bases.is_prepared("efficientnet-lite0", root=tmp_path)
     prepared = bases.prepare_vision_base("efficientnet-lite0", root=tmp_path, show_progress=False)
+    assert bases.is_prepared("efficientnet-lite0", root=tmp_path)
     stamp = prepared.checkpoint.stat().st_mtime_ns
     again = bases.prepare_vision_base("efficientnet-lite0", root=tmp_path, show_progress=False)
     assert again == prepared and prepared.checkpoint.stat().st_mtime_ns == stamp
@@ -162,5 +164,6 @@ def test_prepared_once_then_reused(tmp_path):
     assert int(model.visual.trunk.conv_stem.weight.abs().sum()) > 0
     # a directory whose marker is missing (a killed preparation) is prepared again
     (prepared.directory / bases.MARKER).unlink()
+    assert not bases.is_prepared("efficientnet-lite0", root=tmp_path)
     bases.prepare_vision_base("efficientnet-lite0", root=tmp_path, show_progress=False)
     assert prepared.checkpoint.stat().st_mtime_ns != stamp and (prepared.directory / bases.MARKER).is_file()

@@ -46,7 +46,7 @@ def resolve_bases(cfg: ModelConfig, cache_dir: str) -> tuple[dict[str, Any], Opt
 
 def prepare_named_bases(names: dict[str, Any]) -> None:
     """Prepare the offline pretrained bases named (vlm.bases) into their cache now, reporting the one-time cost
-    apart from the run's own time (a prepared base is found in well under a second)."""
+    apart from the run's own time."""
     import time
 
     from vlm import bases
@@ -57,12 +57,11 @@ def prepare_named_bases(names: dict[str, Any]) -> None:
         ("tokenizer_path", bases.prepare_language_base),
     ):
         name = names[key]
-        if name in bases.VISION_BASES or name in bases.LANGUAGE_BASES:
+        if bases.is_named_base(name) and not bases.is_prepared(name):
             start = time.perf_counter()
             prepare(name)
             seconds = time.perf_counter() - start
-            if seconds > 2:
-                print(f"prepared base {name!r} in {seconds:.0f} s (once; cached in {bases.cache_dir()})", flush=True)
+            print(f"prepared base {name!r} in {seconds:.0f} s (once; cached in {bases.cache_dir()})", flush=True)
 
 
 def build_model(cfg: ModelConfig, bases: dict[str, Any], seed: int):

@@ -50,6 +50,7 @@ __all__ = [
     "VisionBase",
     "cache_dir",
     "is_named_base",
+    "is_prepared",
     "prepare_language_base",
     "prepare_vision_base",
 ]
@@ -170,6 +171,15 @@ def _prepared(root: Path, source: Path) -> bool:
         return False
     # a reinstalled package with other weights (same name, other content) is prepared again
     return info.get("format") == FORMAT_VERSION and info.get("source_size") == source.stat().st_size
+
+
+def is_prepared(name: str, root: Optional[os.PathLike] = None) -> bool:
+    """Whether ``name`` is already prepared in the cache (its package installed and unchanged)."""
+    base = VISION_BASES.get(name) or LANGUAGE_BASES.get(name)
+    if base is None:
+        raise ValueError(f"unknown base {name!r}; expected one of {sorted({**VISION_BASES, **LANGUAGE_BASES})}")
+    source = package_file(base, base.weights_file if isinstance(base, VisionBase) else base.gguf_file)
+    return _prepared(Path(root or cache_dir()) / name, source)
 
 
 def _publish(staging: Path, root: Path, info: dict) -> None:

@@ -128,6 +128,7 @@ class LoaderConfig:
         dropped too; a document left with fewer than min_images images is skipped.
     padding: "longest" (pad to the longest sequence in the batch) or "max_length".
     caption_choice: "random" draws one of ``json["captions"]`` per (seed, epoch, sample); "first" uses ``key.txt``.
+    caption_prefix: pairs only: text before every caption, ``<image>{caption_prefix}{caption}<|endofchunk|>``.
     return_metadata: add ``batch["metadata"]``, a list of per-sample dicts (source, key, json) -- not a tensor.
     max_consecutive_skips: stop with DataSourceError when this many samples of one source in a row were skipped
         (None: never stop).
@@ -151,6 +152,7 @@ class LoaderConfig:
     min_images: int = 1
     padding: Padding = "longest"
     caption_choice: Literal["random", "first"] = "random"
+    caption_prefix: str = ""
     pin_memory: bool = False
     prefetch_factor: int | None = None
     return_metadata: bool = False
@@ -166,6 +168,12 @@ class LoaderConfig:
         _check_choice("shuffle", self.shuffle, ("samples", "shards", "none"))
         _check_choice("padding", self.padding, ("longest", "max_length"))
         _check_choice("caption_choice", self.caption_choice, ("random", "first"))
+        if not isinstance(self.caption_prefix, str):
+            raise TypeError(f"LoaderConfig.caption_prefix must be a str, got {type(self.caption_prefix).__name__}")
+        if self.caption_prefix and self.kind != "pairs":
+            raise ValueError(
+                f"LoaderConfig.caption_prefix applies to pairs only, got {self.caption_prefix!r} for {self.kind}"
+            )
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         _check_int("world_size", self.world_size, 1)
@@ -412,6 +420,7 @@ class _Core:
             self.tokens,
             self.config.max_length,
             self.config.padding,
+            self.config.caption_prefix,
         )
         batch: dict[str, Any] = {
             "vision_x": images[:, None, None],  # (B, T_img=1, F=1, C, H, W)

@@ -1,8 +1,8 @@
 """Flamingo-format text building, tokenisation and OpenFlamingo label masking.
 
-Pairs (OpenFlamingo's LAION format)::
+Pairs (OpenFlamingo's LAION format; ``prefix``, e.g. ``"Output:"``, puts the caption in an evaluation prompt's form)::
 
-    "<image>{caption}<|endofchunk|>{eos}"
+    "<image>{prefix}{caption}<|endofchunk|>{eos}"
 
 Interleaved documents (OpenFlamingo's MMC4 format): every kept image is placed before the sentence it is matched to,
 each image starts a chunk and each chunk ends with ``<|endofchunk|>``::
@@ -73,9 +73,9 @@ def clean_text(text: str) -> str:
     return text.replace(MEDIA_TOKEN, "").replace(END_OF_CHUNK_TOKEN, "")
 
 
-def pair_text(caption: str, eos_token: str) -> str:
-    """``<image>{caption}<|endofchunk|>{eos}``."""
-    return f"{MEDIA_TOKEN}{clean_text(caption).strip()}{END_OF_CHUNK_TOKEN}{eos_token}"
+def pair_text(caption: str, eos_token: str, prefix: str = "") -> str:
+    """``<image>{prefix}{caption}<|endofchunk|>{eos}``."""
+    return f"{MEDIA_TOKEN}{clean_text(prefix)}{clean_text(caption).strip()}{END_OF_CHUNK_TOKEN}{eos_token}"
 
 
 def document_text(text_list: Sequence[str], image_sentences: Sequence[int], eos_token: str) -> str:
@@ -143,10 +143,15 @@ def document_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, token
 
 
 def tokenize_pairs(
-    tokenizer: Any, captions: Sequence[str], tokens: FlamingoTokens, max_length: int, padding: Padding = "longest"
+    tokenizer: Any,
+    captions: Sequence[str],
+    tokens: FlamingoTokens,
+    max_length: int,
+    padding: Padding = "longest",
+    prefix: str = "",
 ) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / labels, each (B, L), for a batch of captions."""
-    ids = encode(tokenizer, [pair_text(c, tokens.eos_token) for c in captions], max_length)
+    """input_ids / attention_mask / labels, each (B, L), for a batch of captions (``prefix``: see :func:`pair_text`)."""
+    ids = encode(tokenizer, [pair_text(c, tokens.eos_token, prefix) for c in captions], max_length)
     input_ids, attention_mask = pad_right(ids, tokens.pad_token_id, padding, max_length)
     return {
         "input_ids": input_ids,

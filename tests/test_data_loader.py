@@ -248,6 +248,15 @@ def test_config_errors_name_field_and_value(pair_shards: Path, tokenizer) -> Non
         SourceConfig(str(pair_shards), weight=-1)
     with pytest.raises(ValueError, match="does not hold documents"):
         documents_loader(str(pair_shards), tokenizer, SmallTransform())
+    with pytest.raises(ValueError, match="caption_prefix applies to pairs only"):
+        LoaderConfig(sources=str(pair_shards), kind="documents", caption_prefix="Output:")
+
+
+def test_caption_prefix_in_every_pair(pair_shards: Path) -> None:
+    tokenizer = make_tokenizer(words=("caption", "Output", ":"))
+    batch = next(iter(make_loader(pair_shards, tokenizer, shuffle="none", caption_prefix="Output:")))
+    text = tokenizer.decode(batch["input_ids"][0]).replace(" ", "")
+    assert text == "<image>Output:caption<unk><|endofchunk|></s>"
 
 
 def test_documents_with_embedded_base64_images(tmp_path: Path, tokenizer) -> None:

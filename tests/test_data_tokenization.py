@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data_helpers import make_tokenizer
+from data_helpers import WORDS, make_tokenizer
 
 from data_pipelines.tokenization import (
     FlamingoTokens,
@@ -36,6 +36,18 @@ def test_pair_text_and_labels() -> None:
         tokenizer, ["a", "red", "circle", ".", "<|endofchunk|>", "</s>", "two", "cats"]
     )
     assert batch["labels"].tolist() == [[M, a, red, circle, dot, eoc, eos], [M, two, cats, eoc, eos, M, M]]
+
+
+def test_pair_caption_prefix_is_part_of_the_target_text() -> None:
+    """``prefix`` puts the caption in a prompt's form (``<image>Output:...``, vlm.eval's captioning prompt)."""
+    tokenizer = make_tokenizer(words=(*WORDS, "Output", ":"))
+    tokens = FlamingoTokens.from_tokenizer(tokenizer)
+    assert pair_text(" a cat ", "</s>", prefix="Output:") == "<image>Output:a cat<|endofchunk|></s>"
+    assert pair_text("a cat", "</s>", prefix="<image>") == "<image>a cat<|endofchunk|></s>"  # one image token
+    batch = tokenize_pairs(tokenizer, ["a cat"], tokens, max_length=16, prefix="Output:")
+    out, colon, a, cat, eoc, eos = ids(tokenizer, ["Output", ":", "a", "cat", "<|endofchunk|>", "</s>"])
+    assert batch["input_ids"][0].tolist() == [tokens.media_token_id, out, colon, a, cat, eoc, eos]
+    assert batch["labels"][0].tolist() == [M, out, colon, a, cat, eoc, eos]
 
 
 def test_pair_labels_with_bos_and_pad_equal_to_eos() -> None:

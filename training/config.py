@@ -45,6 +45,9 @@ class RunConfig(Section):
     (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16), fp32 elsewhere; the run prints which it chose.
     num_threads: intra-op CPU threads per process (null: torch's default, all cores). deepspeed: a DeepSpeed JSON config holding the ZeRO
     settings (relative paths are looked up in the working directory, then in the project root).
+    max_seconds: a time limit (wall-clock seconds of the training loop, rank 0's clock; null: none). When it is
+    reached the run ends like a finished one -- held-out loss, checkpoint, export -- at the step it reached; the
+    LR schedule still spans max_steps (it is cut short, not compressed). Starting the run again continues it.
     """
 
     output_dir: str = "outputs/default"
@@ -54,9 +57,12 @@ class RunConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deepspeed: str = "configs/deepspeed/zero0.json"
     num_threads: Optional[int] = None
+    max_seconds: Optional[float] = None
 
     def validate(self) -> None:
         self._at_least(1, "max_steps", "num_threads")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            self._fail("max_seconds", "null or a finite number of seconds > 0")
         self._at_least(0, "seed")
         if not self.output_dir:
             self._fail("output_dir", "a directory path")
@@ -212,7 +218,9 @@ class StreamConfig(Section):
 
     batch_size is per rank and micro-step. loss_weight multiplies this stream's loss (OpenFlamingo's
     loss_multiplier_*). max_length: token limit (None: 32 for pairs, 256 for documents). max_images / min_images:
-    images per document. shuffle / resample: the loader's order (see data_pipelines.loader).
+    images per document. shuffle / resample: the loader's order (see data_pipelines.loader). caption_prefix
+    (pairs only): text before every caption, ``<image>{caption_prefix}{caption}<|endofchunk|>`` -- "Output:" gives
+    the captioning prompt of ``vlm.eval``.
     """
 
     sources: Union[str, list[Union[SourceSpec, str]]]
@@ -223,6 +231,7 @@ class StreamConfig(Section):
     min_images: int = 1
     shuffle: Literal["samples", "shards", "none"] = "samples"
     resample: bool = False
+    caption_prefix: str = ""
 
     def validate(self) -> None:
         if isinstance(self.sources, str):
@@ -239,11 +248,13 @@ class StreamConfig(Section):
 
 @dataclass
 class EvalStreamConfig(Section):
-    """Held-out image-text pairs for the evaluation hook and the final few-shot demonstration."""
+    """Held-out image-text pairs for the evaluation hook and the final few-shot demonstration (caption_prefix: as in
+    the pairs stream, for the held-out loss)."""
 
     shards: str = "synthetic:val_pairs"
     batch_size: int = 16
     max_length: Optional[int] = None
+    caption_prefix: str = ""
 
     def validate(self) -> None:
         SourceSpec(self.shards)  # same shard-spec checks
@@ -294,6 +305,11 @@ class DataConfig(Section):
         if self.pairs is None and self.documents is None:
             raise ConfigError("DataConfig: at least one of data.pairs and data.documents must be set")
         self._at_least(0, "num_workers")
+        if self.documents is not None and self.documents.caption_prefix:
+            raise ConfigError(
+                "DataConfig: data.documents.caption_prefix applies to pairs only (a document's text is its own); "
+                f"got {self.documents.caption_prefix!r}"
+            )
         for spec in self.all_source_specs():
             split = spec.synthetic_split
             if split is not None and self.synthetic is None:

@@ -126,6 +126,8 @@ def build_train_loaders(
         options: dict[str, Any] = {}
         if name == "documents":
             options.update(max_images=stream.max_images, min_images=stream.min_images)
+        else:
+            options.update(caption_prefix=stream.caption_prefix)
         loader_config = LoaderConfig(
             sources=sources,
             kind=name,
@@ -169,6 +171,7 @@ def build_val_loader(
         rank=rank,
         world_size=world_size,
         max_length=config.data.val.max_length,
+        caption_prefix=config.data.val.caption_prefix,
         caption_choice="first",
         return_metadata=True,
     )

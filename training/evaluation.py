@@ -94,8 +94,10 @@ def few_shot_captions(
     max_new_tokens: int,
     dtype: torch.dtype,
     synced: bool = False,
+    prompt_prefix: str = "",
 ) -> list[FewShotSample]:
-    """Greedy captions for the query images after the demonstrations, next to the true captions."""
+    """Greedy captions for the query images after the demonstrations (``<image>{prompt_prefix}{caption}`` each),
+    next to the true captions."""
     import vlm
 
     if not queries:
@@ -103,7 +105,9 @@ def few_shot_captions(
     demos = [(image.to(dtype), text) for image, text in demonstrations]
     images = [image.to(dtype) for image, _ in queries]
     kwargs = {"synced_gpus": True} if synced else {}
-    generated = vlm.few_shot(model, demos, images, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    generated = vlm.few_shot(
+        model, demos, images, prompt_prefix=prompt_prefix, max_new_tokens=max_new_tokens, do_sample=False, **kwargs
+    )
     return [FewShotSample(true, text.strip()) for (_, true), text in zip(queries, generated)]
 
 

@@ -1,8 +1,9 @@
 """Progress bar, ``metrics.jsonl``, TensorBoard and the loss-curve PNG (all on rank 0).
 
-``metrics.jsonl`` holds one JSON record per optimizer step (``{"kind": "train", "step": ..., "loss": ...}``) and
-one per evaluation (``"kind": "eval"``). On resume it is cut back to the checkpoint's step, so after an
-interruption the file still holds exactly one trajectory; TensorBoard events past that step are purged likewise.
+``metrics.jsonl`` holds one JSON record per optimizer step (``{"kind": "train", "step": ..., "loss": ...,
+"step_seconds": ...}``) and one per evaluation (``"kind": "eval"``). On resume it is cut back to the checkpoint's
+step, so after an interruption the file still holds exactly one trajectory; TensorBoard events past that step are
+purged likewise.
 """
 
 from __future__ import annotations
@@ -100,7 +101,12 @@ class MetricsLogger:
             return
         self.throughput.add(seconds, record["samples"], record["tokens"])
         samples_per_s, tokens_per_s = self.throughput.rates()
-        record = {**record, "samples_per_s": round(samples_per_s, 3), "tokens_per_s": round(tokens_per_s, 1)}
+        record = {
+            **record,
+            "step_seconds": round(seconds, 4),
+            "samples_per_s": round(samples_per_s, 3),
+            "tokens_per_s": round(tokens_per_s, 1),
+        }
         self._file.write(json.dumps({"kind": "train", **record}) + "\n")
         step = record["step"]
         if record["loss"] is not None:

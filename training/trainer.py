@@ -81,6 +81,7 @@ class TrainResult:
     export_dir: Optional[Path] = None
     seconds: float = 0.0
     eval_loss: Optional[float] = None
+    time_limit_reached: bool = False  # run.max_seconds ended the loop before max_steps (a finished run otherwise)
 
 
 def preflight(config: TrainConfig) -> dict[str, Any]:
@@ -373,9 +374,16 @@ class Trainer:
                 result.checkpoint = self.save_checkpoint()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < max_steps:
                 self.evaluate()
+            if self.step < stop and self._time_is_up(start):
+                result.time_limit_reached = True
+                self.metrics.write(
+                    f"run.max_seconds={cfg.run.max_seconds:g} reached at step {self.step} of {max_steps}: "
+                    "finishing as a completed run (held-out loss, checkpoint, export)"
+                )
+                break
         result.step = self.step
         result.seconds = time.perf_counter() - start
-        if self.step < max_steps:  # a planned stop: save and leave
+        if self.step < max_steps and not result.time_limit_reached:  # a planned stop: save and leave
             if self._last_saved_step != self.step:
                 result.checkpoint = self.save_checkpoint()
             result.checkpoint = result.checkpoint or self.checkpoints.latest()
@@ -399,6 +407,12 @@ class Trainer:
             if curve is not None:
                 print(f"loss curve: {curve}", flush=True)
         return result
+
+    def _time_is_up(self, start: float) -> bool:
+        """run.max_seconds passed since ``start`` -- by rank 0's clock, so every rank stops at the same step."""
+        if self.config.run.max_seconds is None:
+            return False
+        return bool(broadcast_object(time.perf_counter() - start >= self.config.run.max_seconds))
 
     def _abort_nonfinite(self) -> None:
         n = self.nonfinite_consecutive
@@ -426,7 +440,13 @@ class Trainer:
             if cfg.num_generations and self.demo_loader is not None:
                 demos, queries = demo_examples(self.demo_loader, self.tokenizer, cfg.num_shots, cfg.num_generations)
                 generations = few_shot_captions(
-                    self.model, demos, queries, cfg.max_new_tokens, self.dtype, synced=self._synced_generation
+                    self.model,
+                    demos,
+                    queries,
+                    cfg.max_new_tokens,
+                    self.dtype,
+                    synced=self._synced_generation,
+                    prompt_prefix=self.config.data.val.caption_prefix,
                 )
         finally:
             self.engine.train()

@@ -3,6 +3,7 @@ and the checks that fail before any work (bad key, missing shards, CUDA on a CPU
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import math
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_default_preset_is_the_embedded_default():
     assert load_config(PROJECT_ROOT / "configs" / "default.yaml") == TrainConfig() == load_config(None)
     model = TrainConfig().model
     # the Flamingo recipe on offline pretrained bases: both frozen, gates start closed
-    assert model.tiny is None and model.freeze_vision and model.freeze_lm and model.gate_init is None
+    assert model.tiny is None and model.freeze_vision_encoder and model.freeze_lm and model.gate_init is None
     assert (model.clip_vision_encoder_path, model.clip_vision_encoder_pretrained) == ("efficientnet-lite0", "imagenet")
     assert model.lang_encoder_path == model.tokenizer_path == "smollm2-135m"
     assert TrainConfig().run.precision == "auto"
@@ -53,7 +54,7 @@ def test_default_preset_is_the_embedded_default():
 
 def test_tiny_random_preset_is_the_former_default():
     c = load_config(TINY_RANDOM)
-    assert c.model.tiny is not None and not c.model.freeze_vision and not c.model.freeze_lm
+    assert c.model.tiny is not None and not c.model.freeze_vision_encoder and not c.model.freeze_lm
     assert c.model.gate_init == 0.5 and c.model.cross_attn_every_n_layers == 1
     assert (c.model.resampler_depth, c.model.resampler_num_latents, c.model.resampler_head_channels) == (2, 8, 16)
     assert (c.run.precision, c.run.num_threads, c.run.output_dir) == ("fp32", 1, "outputs/tiny")
@@ -74,7 +75,7 @@ def test_openflamingo_presets(name, lm, every, stage):
     assert (c.model.clip_vision_encoder_path, c.model.clip_vision_encoder_pretrained) == ("ViT-L-14", "openai")
     assert c.model.lang_encoder_path == c.model.tokenizer_path == lm
     assert c.model.cross_attn_every_n_layers == every
-    assert c.model.tiny is None and c.model.freeze_vision and c.model.freeze_lm
+    assert c.model.tiny is None and c.model.freeze_vision_encoder and c.model.freeze_lm
     assert (c.model.resampler_depth, c.model.resampler_num_latents, c.model.cross_attn_num_heads) == (6, 64, 8)
     assert c.optim.lr == 1e-4 and c.optim.weight_decay == 0.1 and c.optim.schedule == "constant"
     assert zero_stage(load_deepspeed_json(c.run.deepspeed_path())) == stage
@@ -86,9 +87,9 @@ def test_ds_stage_files():
 
 
 def test_overrides_are_typed_yaml():
-    c = load_config(TINY_RANDOM, ["optim.lr=3e-4", "run.max_steps=7", "model.tiny.lm_layers=3", "data.documents=null"])
+    c = load_config(TINY_RANDOM, ["optim.lr=3e-4", "run.max_steps=77", "model.tiny.lm_layers=3", "data.documents=null"])
     assert c.optim.lr == pytest.approx(3e-4) and isinstance(c.optim.lr, float)
-    assert c.run.max_steps == 7 and c.model.tiny.lm_layers == 3 and c.data.documents is None
+    assert c.run.max_steps == 77 and c.model.tiny.lm_layers == 3 and c.data.documents is None
     # a partial section keeps the other defaults of that section
     assert c.model.tiny.lm_hidden_size == load_config(TINY_RANDOM).model.tiny.lm_hidden_size
     c = load_config(None, ["data.pairs.sources=[{shards: 'a/{000..009}.tar', weight: 2}, b.tar]"])
@@ -203,7 +204,7 @@ def test_optimizer_gets_only_trainable_params_and_decay_only_on_cross_attention(
     from training.config import ModelConfig
     from training.modeling import build_model, resolve_bases
 
-    cfg = ModelConfig(freeze_vision=frozen, freeze_lm=frozen, gate_init=None)
+    cfg = ModelConfig(freeze_vision_encoder=frozen, freeze_lm=frozen, gate_init=None)
     bases, _ = resolve_bases(cfg, tiny_cache)
     model, _, _ = build_model(cfg, bases, seed=0)
     groups = parameter_groups(model, weight_decay=0.1)
@@ -261,3 +262,229 @@ def test_tiny_bases_are_deterministic_and_loadable(tmp_path):
     for (n, pa), (_, pb) in zip(lm_a.named_parameters(), lm_b.named_parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=n)
     assert json.loads((Path(a.clip_config_dir) / f"{a.clip_name}.json").read_text())["vision_cfg"]["layers"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- one tree
+
+
+def _other_value(f, default):
+    """A valid value of FlamingoConfig field ``f`` that is not its training default."""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 1
+    if f.name in ("max_num_media", "max_num_frames"):
+        return 3
+    return f"custom-{f.name}"  # names, paths, decoder_layers_attr_name
+
+
+def _flamingo_fields():
+    import dataclasses
+
+    from vlm.config import FlamingoConfig
+
+    return dataclasses.fields(FlamingoConfig)
+
+
+@pytest.mark.parametrize("f", _flamingo_fields(), ids=lambda f: f.name)
+def test_every_flamingo_field_is_settable_from_yaml_and_overrides(tmp_path, f):
+    """Each field of vlm.FlamingoConfig is a model key of the same name, from a YAML file and from key=value, and
+    reaches the FlamingoConfig the model is built from."""
+    import yaml
+
+    default = getattr(TrainConfig().model, f.name)
+    value = _other_value(f, default)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {f.name: value}}))
+    from_file = load_config(path)
+    from_override = load_config(None, [f"model.{f.name}={yaml.safe_dump(value).strip().removesuffix('...').strip()}"])
+    assert from_file == from_override
+    assert getattr(from_file.model.flamingo_config(), f.name) == value != default
+
+
+def test_architecture_fields_reach_the_built_model(tiny_cache):
+    """Fields the training config could not set before reach the model: the MLP widths follow the widening factors,
+    and the attention span / media limits are the model's."""
+    from training.modeling import build_model, resolve_bases
+
+    config = load_config(
+        TINY_RANDOM,
+        [
+            "model.resampler_widening_factor=2",
+            "model.cross_attn_widening_factor=3",
+            "model.only_attend_immediate_media=false",
+            "model.max_num_media=3",
+            "model.max_num_frames=2",
+        ],
+    )
+    flamingo, _ = resolve_bases(config.model, tiny_cache)
+    model, _, _ = build_model(config.model, flamingo, seed=0)
+    width = config.model.tiny.vision_width
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shapes["perceiver.layers.0.mlp.0.weight"] == (2 * width, width)  # resampler MLP: x2
+    lm_width = config.model.tiny.lm_hidden_size
+    cross = [s for n, s in shapes.items() if n.endswith("gated_cross_attn_layer.mlp.0.weight")]
+    assert cross and all(s == (3 * lm_width, lm_width) for s in cross)  # cross-attention MLP: x3
+    assert model.config.only_attend_immediate_media is False
+    assert (model.config.max_num_media, model.config.max_num_frames) == (3, 2)
+
+
+def test_every_loader_option_is_settable_per_stream():
+    """The streams are data_pipelines.LoaderConfig's fields (less those the trainer sets), each reaching the
+    LoaderConfig of the stream; data.synthetic is data_pipelines.SyntheticConfig."""
+    import dataclasses
+
+    from data_pipelines import LoaderConfig, SyntheticConfig
+    from training.config import TRAINER_LOADER_FIELDS
+
+    c = load_config(
+        None,
+        [
+            "data.pairs.max_consecutive_skips=7",
+            "data.documents.num_workers=2",
+            "data.documents.prefetch_factor=3",
+            "data.pairs.padding=max_length",
+            "data.val.max_consecutive_skips=9",
+            "data.synthetic.samples_per_shard=50",
+        ],
+    )
+    owned = set(TRAINER_LOADER_FIELDS) | {"source_configs"}
+    assert {f.name for f in dataclasses.fields(LoaderConfig)} - owned == set(c.data.pairs.LOADER_FIELDS)
+    pairs = c.data.pairs.loader_config(c.data.pairs.sources, kind="pairs", infinite=True)
+    assert (pairs.max_consecutive_skips, pairs.padding, pairs.batch_size, pairs.max_length) == (7, "max_length", 16, 32)
+    documents = c.data.documents.loader_config(c.data.documents.sources, kind="documents", infinite=True)
+    assert (documents.num_workers, documents.prefetch_factor, documents.max_images) == (2, 3, 4)
+    assert c.data.val.loader_config(c.data.val.shards, kind="pairs").max_consecutive_skips == 9
+    assert isinstance(c.data.synthetic, SyntheticConfig) and c.data.synthetic.samples_per_shard == 50
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_written_config_loads_back_the_same(tmp_path, path):
+    config = load_config(path)
+    written = tmp_path / "config.yaml"
+    written.write_text(config.to_yaml())  # what a run writes into its output directory
+    assert load_config(written) == config
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _error(*overrides: str, path=TINY_RANDOM) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(path, list(overrides))
+    return str(err.value)
+
+
+def test_error_messages_name_key_value_and_expectation():
+    message = _error("data.pairs.max_consecutive_skip=5")  # unknown key (a LoaderConfig field, misspelt)
+    assert message.startswith("unknown config key data.pairs.max_consecutive_skip;")
+    assert "'max_consecutive_skips'" in message  # the known keys of that section are listed
+    assert _error("optim.lr=fast") == (
+        "optim.lr: expected a valid number (unable to parse string as a number), got 'fast'"
+    )
+    assert _error("model.freeze_lm=1") == "model.freeze_lm: expected a valid boolean, got 1"
+    assert _error("run.device=tpu") == "run.device: expected 'auto', 'cpu' or 'cuda', got 'tpu'"
+    assert _error("run.max_steps=0") == "run.max_steps: expected greater than 0, got 0"
+    assert _error("optim.beta2=1.5") == "optim.beta2: expected less than 1, got 1.5"
+    # ranges the libraries check themselves, reported under the training config's key
+    assert (
+        _error("model.resampler_widening_factor=0") == "model.resampler_widening_factor: must be a positive int, got 0"
+    )
+    assert _error("data.synthetic.max_count=7") == "data.synthetic.max_count: must be an int in [1, 4], got 7"
+    assert _error("data.pairs.sources=[{shards: a.tar, weight: -1}]") == (
+        "data.pairs.sources[0].weight: must be a finite number > 0, got -1.0"
+    )
+    assert _error("data.documents.max_consecutive_skips=0") == (
+        "data.documents.max_consecutive_skips: must be an int >= 1, got 0"
+    )
+    assert _error("model.freeze_vision=false").startswith("unknown config key model.freeze_vision;")  # renamed
+    assert _error("data.num_workers=2").startswith("unknown config key data.num_workers;")  # now per stream
+
+
+def test_warmup_must_end_before_max_steps():
+    message = _error("run.max_steps=20", "optim.warmup_steps=20")
+    assert message.startswith("optim.warmup_steps: expected < run.max_steps=20") and message.endswith("got 20")
+    assert "optim.warmup_steps: expected < run.max_steps=10" in _error("run.max_steps=10", "optim.warmup_steps=30")
+    assert load_config(TINY_RANDOM, ["run.max_steps=21", "optim.warmup_steps=20"]).optim.warmup_steps == 20
+
+
+def test_num_shots_must_leave_queries_in_the_held_out_set():
+    message = _error("data.synthetic.num_val_pairs=8", "eval.num_shots=8")
+    assert message == (
+        "eval.num_shots: expected < data.synthetic.num_val_pairs=8 (the demonstrations and the queries are drawn "
+        "from the held-out set; more would repeat them), got 8"
+    )
+    # no demonstrations are used: no limit
+    load_config(
+        TINY_RANDOM,
+        ["data.synthetic.num_val_pairs=8", "eval.num_shots=8", "eval.final_few_shot=false", "eval.num_generations=0"],
+    )
+
+
+def test_deepspeed_json_with_an_unknown_key(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
+    with pytest.raises(ConfigError) as err:
+        load_deepspeed_json(path)
+    assert str(err.value) == (
+        f"run.deepspeed: {str(path)!r} sets 'zero_optimisation', which is no DeepSpeed setting (DeepSpeed would "
+        "ignore it); did you mean 'zero_optimization'?"
+    )
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "frobnicate": 1}))
+    with pytest.raises(ConfigError, match="'frobnicate'.*expected one of .*'zero_optimization'"):
+        load_deepspeed_json(path)
+
+
+def test_known_deepspeed_keys_are_those_deepspeed_reads():
+    """Every top-level key the installed DeepSpeed's config reads is allowed (recorded while DeepSpeedConfig parses
+    a config), so the check rejects typos, not settings."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from training.engine import DEEPSPEED_KEYS
+
+    read: set[str] = set()
+
+    class Recording(dict):
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            read.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+        def keys(self):
+            outer = self
+
+            class Keys(collections.abc.KeysView):
+                def __contains__(self, key):
+                    read.add(key)
+                    return dict.__contains__(outer, key)
+
+            return Keys(self)
+
+    DeepSpeedConfig(Recording({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1}))
+    read = {k for k in read if isinstance(k, str)}
+    assert "zero_optimization" in read and len(read) > 30
+    assert read <= DEEPSPEED_KEYS, sorted(read - DEEPSPEED_KEYS)
+
+
+def test_few_shot_prompts_longer_than_the_lm_stop_before_training(tiny_cache, tmp_path):
+    """15 demonstrations and 480 new tokens exceed the tiny LM's 512 positions: a ConfigError naming the keys and
+    the lengths when the trainer is built (the demonstrations read, nothing trained), not minutes of generation."""
+    from train_helpers import small_config
+
+    from training.trainer import Trainer
+
+    out = tmp_path / "run"
+    extra = ["eval.final_few_shot=true", "eval.num_shots=15", "eval.max_new_tokens=480"]
+    with pytest.raises(ConfigError) as err:
+        Trainer(small_config(tiny_cache, out, *extra))
+    message = str(err.value)
+    assert message.startswith("eval.num_shots: 15 demonstrations make a ") and "eval.max_new_tokens=480" in message
+    assert "the language model has 512" in message and message.endswith("got eval.num_shots=15")
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()

@@ -97,7 +97,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(cache, tmp_path, froze
     With frozen backbones (as the real configs) the checkpoint holds only the trainable weights."""
     steps = ["run.max_steps=6", "checkpoint.every_steps=2"]
     if frozen:
-        steps += ["model.freeze_vision=true", "model.freeze_lm=true", "model.gate_init=null"]
+        steps += ["model.freeze_vision_encoder=true", "model.freeze_lm=true", "model.gate_init=null"]
     reference, _ = run_training(small_config(cache, tmp_path / "a", *steps))
     first, _ = run_training(small_config(cache, tmp_path / "b", *steps, "checkpoint.stop_at_step=3"))
     assert first.stopped_early and first.step == 3 and first.checkpoint.name == "step_00000003"
@@ -118,10 +118,10 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(cache, tmp_path, froze
 
 
 def test_data_workers_see_the_same_samples_and_resume_exactly(cache, tmp_path):
-    """data.num_workers=2: same losses as loading in the main process, also across a stop and resume."""
+    """data.{pairs,documents}.num_workers=2: same losses as loading in the main process, also across a stop and resume."""
     steps = ["run.max_steps=6", "checkpoint.every_steps=3"]
     reference, _ = run_training(small_config(cache, tmp_path / "a", *steps))
-    workers = [*steps, "data.num_workers=2"]
+    workers = [*steps, "data.pairs.num_workers=2", "data.documents.num_workers=2"]
     first, _ = run_training(small_config(cache, tmp_path / "b", *workers, "checkpoint.stop_at_step=3"))
     resumed, trainer = run_training(small_config(cache, tmp_path / "b", *workers))
     assert trainer.resumed_from.name == "step_00000003"

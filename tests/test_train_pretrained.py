@@ -22,6 +22,7 @@ def test_default_job_on_pretrained_bases(tmp_path):
         f"run.output_dir={out}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "run.max_steps=3",
+        "optim.warmup_steps=0",
         "data.synthetic.num_pairs=48",
         "data.synthetic.num_docs=8",
         "data.synthetic.num_val_pairs=8",

@@ -242,7 +242,8 @@ def cache(tmp_path_factory):
 
 
 def test_truncated_latest_checkpoint_falls_back_and_training_goes_on(cache, tmp_path, capsys):
-    steps = ["checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+    # warmup over steps 1-2: steps 3 and 4 then start the same cosine in a 4-step and in a 6-step run
+    steps = ["checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.warmup_steps=2"]
     first, _ = run_training(small_config(cache, tmp_path, "run.max_steps=4", *steps))
     model4 = tmp_path / "checkpoints" / "step_00000004" / MODEL_FILE
     model4.write_bytes(model4.read_bytes()[: model4.stat().st_size // 2])
@@ -257,7 +258,7 @@ def test_truncated_latest_checkpoint_falls_back_and_training_goes_on(cache, tmp_
     assert verify_checkpoint(model4.parent) is None  # step 4 written again, complete
 
 
-FROZEN = ["model.freeze_vision=true", "model.freeze_lm=true", "model.gate_init=null"]
+FROZEN = ["model.freeze_vision_encoder=true", "model.freeze_lm=true", "model.gate_init=null"]
 
 
 def test_resume_is_strict_about_the_model_weights(cache, tmp_path):

@@ -36,7 +36,7 @@ SMALL = [
     "logging.loss_curve=false",
     "logging.log_every=1000",
     "checkpoint.export=false",
-    "optim.warmup_steps=2",
+    "optim.warmup_steps=0",  # runs of one or two steps (a warmup must end before run.max_steps)
 ]
 
 

@@ -15,9 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ConfigError, DataConfig, SourceSpec, TrainConfig
-
-STREAMS = ("pairs", "documents")
+from .config import STREAMS, ConfigError, DataConfig, TrainConfig, synthetic_split
 
 
 def synthetic_dir(cfg: DataConfig) -> Path:
@@ -28,25 +26,16 @@ def ensure_synthetic(cfg: DataConfig, show_progress: bool = True):
     """Generate the synthetic dataset if a source uses it (once; reused afterwards). None if unused."""
     if cfg.synthetic is None or not cfg.uses_synthetic():
         return None
-    from data_pipelines import SyntheticConfig, ensure_synthetic_dataset
+    from data_pipelines import ensure_synthetic_dataset
 
-    s = cfg.synthetic
-    config = SyntheticConfig(
-        num_pairs=s.num_pairs,
-        num_docs=s.num_docs,
-        num_val_pairs=s.num_val_pairs,
-        seed=s.seed,
-        image_size=s.image_size,
-        max_count=s.max_count,
-        max_doc_images=s.max_doc_images,
-    )
-    return ensure_synthetic_dataset(synthetic_dir(cfg), config, show_progress=show_progress)
+    return ensure_synthetic_dataset(synthetic_dir(cfg), cfg.synthetic, show_progress=show_progress)
 
 
-def resolve_shards(spec: SourceSpec, synthetic) -> Any:
-    split = spec.synthetic_split
+def resolve_shards(shards: Any, synthetic) -> Any:
+    """A shard spec, with ``synthetic:<split>`` replaced by the generated split's shards."""
+    split = synthetic_split(shards)
     if split is None:
-        return spec.shards
+        return shards
     pattern = {"pairs": synthetic.pairs, "documents": synthetic.documents, "val_pairs": synthetic.val_pairs}[split]
     if pattern is None:
         raise ConfigError(f"the synthetic dataset has no {split!r} split (its size is 0 in data.synthetic)")
@@ -59,24 +48,18 @@ def check_shards_exist(config: TrainConfig) -> list[str]:
     and returned."""
     from data_pipelines.reader import check_shard_files, describe_missing, find_shards
 
-    keys = []
-    for stream_name in STREAMS:
-        stream = getattr(config.data, stream_name)
-        if stream is not None:
-            keys += [(f"data.{stream_name}.sources[{i}].shards", s) for i, s in enumerate(stream.sources)]
-    if config.data.val is not None:
-        keys.append(("data.val.shards", SourceSpec(config.data.val.shards)))
+    keys = [(f"data.{key}", shards) for key, shards in config.data.shard_specs()]
     warnings = []
-    for key, spec in keys:
-        if spec.synthetic_split is not None:
+    for key, shards in keys:
+        if synthetic_split(shards) is not None:
             continue
         try:
-            paths, missing = find_shards(spec.shards)
+            paths, missing = find_shards(shards)
             check_shard_files(paths)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"{key}: {e}") from None
         if missing:
-            warnings.append(f"{key}: {describe_missing(spec.shards, len(paths), missing)}")
+            warnings.append(f"{key}: {describe_missing(shards, len(paths), missing)}")
     if os.environ.get("RANK", "0") == "0":
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr, flush=True)
@@ -111,8 +94,8 @@ def check_batch(stream: str, batch: dict[str, Any]) -> dict[str, Any]:
 def build_train_loaders(
     config: TrainConfig, tokenizer: Any, image_processor: Callable, synthetic, rank: int, world_size: int
 ) -> dict[str, Any]:
-    """name -> infinite ShardLoader for this rank, one per configured stream."""
-    from data_pipelines import LoaderConfig, ShardLoader
+    """name -> infinite ShardLoader for this rank, one per configured stream (seeded by run.seed)."""
+    from data_pipelines import ShardLoader, SourceConfig
 
     loaders = {}
     for name in STREAMS:
@@ -120,27 +103,11 @@ def build_train_loaders(
         if stream is None:
             continue
         sources = [
-            {"shards": resolve_shards(s, synthetic), "weight": s.weight, "name": s.name or f"{name}{i}"}
+            SourceConfig(resolve_shards(s.shards, synthetic), s.weight, s.name or f"{name}{i}")
             for i, s in enumerate(stream.sources)
         ]
-        options: dict[str, Any] = {}
-        if name == "documents":
-            options.update(max_images=stream.max_images, min_images=stream.min_images)
-        else:
-            options.update(caption_prefix=stream.caption_prefix)
-        loader_config = LoaderConfig(
-            sources=sources,
-            kind=name,
-            batch_size=stream.batch_size,
-            seed=config.run.seed,
-            shuffle=stream.shuffle,
-            resample=stream.resample,
-            infinite=True,
-            rank=rank,
-            world_size=world_size,
-            num_workers=config.data.num_workers,
-            max_length=stream.max_length,
-            **options,
+        loader_config = stream.loader_config(
+            sources, kind=name, seed=config.run.seed, infinite=True, rank=rank, world_size=world_size
         )
         loaders[name] = ShardLoader(loader_config, tokenizer, image_processor)
     return loaders
@@ -155,26 +122,26 @@ def build_val_loader(
     world_size: int,
     batch_size: Optional[int] = None,
 ):
-    """Held-out pairs in written order (captions in ``batch["metadata"]``); None when ``data.val`` is null."""
-    if config.data.val is None:
+    """Held-out pairs in written order, first captions (also in ``batch["metadata"]``); None when ``data.val`` is
+    null."""
+    val = config.data.val
+    if val is None:
         return None
-    from data_pipelines import pairs_loader
+    from data_pipelines import ShardLoader
 
-    return pairs_loader(
-        resolve_shards(SourceSpec(config.data.val.shards), synthetic),
-        tokenizer,
-        image_processor,
-        batch_size=batch_size or config.data.val.batch_size,
+    loader_config = val.loader_config(
+        resolve_shards(val.shards, synthetic),
+        kind="pairs",
         seed=config.run.seed,
         shuffle="none",
+        caption_choice="first",
+        return_metadata=True,
         infinite=True,
         rank=rank,
         world_size=world_size,
-        max_length=config.data.val.max_length,
-        caption_prefix=config.data.val.caption_prefix,
-        caption_choice="first",
-        return_metadata=True,
+        batch_size=batch_size or val.batch_size,
     )
+    return ShardLoader(loader_config, tokenizer, image_processor)
 
 
 class Batches:

@@ -10,6 +10,7 @@ that were applied.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,26 @@ OWNED_KEYS = {
     "amp": "run.precision",
 }
 
+# Every top-level key DeepSpeed 0.19's config reads (``DeepSpeedConfig``; tests/test_train_config.py records what
+# the installed DeepSpeed reads and checks that it is here). DeepSpeed ignores any other key, so a typo such as
+# "zero_optimisation" would silently run ZeRO stage 0: here it is an error.
+DEEPSPEED_KEYS = frozenset(
+    {
+        *OWNED_KEYS,
+        *("activation_checkpointing", "aio", "autotuning", "checkpoint", "comet", "comms_logger"),
+        *("communication_data_type", "compile", "compression_training", "csv_monitor", "curriculum_learning"),
+        *("data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt", "disable_allgather"),
+        *("disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel", "flops_profiler"),
+        *("gradient_allreduce_op", "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level"),
+        *("managed_gradient_accumulation", "memory_breakdown", "nebula", "pipeline", "prescale_gradients"),
+        *("progressive_layer_drop", "quantize_training", "seq_parallel_communication_data_type"),
+        *("sequence_parallel_size", "sparse_attention", "sparse_gradients", "steps_per_print", "tensor_parallel"),
+        *("tensorboard", "timers", "torch_autocast", "use_data_before_expert_parallelism", "vocabulary_size"),
+        *("wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer"),
+        *("zero_force_ds_cpu_optimizer", "zero_optimization"),
+    }
+)
+
 
 def load_deepspeed_json(path: Path) -> dict[str, Any]:
     """Read and check a DeepSpeed JSON (errors name the file and the key)."""
@@ -43,6 +64,14 @@ def load_deepspeed_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"run.deepspeed: {str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"run.deepspeed: {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    for key in data:
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, sorted(DEEPSPEED_KEYS), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of {sorted(DEEPSPEED_KEYS)}"
+            raise ConfigError(
+                f"run.deepspeed: {str(path)!r} sets {key!r}, which is no DeepSpeed setting (DeepSpeed would ignore "
+                f"it); {hint}"
+            )
     for key, owner in OWNED_KEYS.items():
         if key in data:
             raise ConfigError(

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from .config import ConfigError
 from .distributed import all_reduce_sum
 
 
@@ -84,6 +85,45 @@ def demo_examples(loader: Any, tokenizer: Any, num_shots: int, num_queries: int)
         for image, meta, ids in zip(batch["vision_x"][:, 0, 0], batch["metadata"], batch["input_ids"]):
             items.append((image, _caption(meta, ids, tokenizer)))
     return items[:num_shots], items[num_shots : num_shots + num_queries]
+
+
+def lm_positions(lang_encoder: torch.nn.Module) -> Optional[int]:
+    """The positions a Hugging Face causal LM has (None where its config does not say)."""
+    config = getattr(lang_encoder, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_few_shot_prompts(config: Any, model: torch.nn.Module, demo_loader: Any) -> None:
+    """ConfigError unless the few-shot prompts of the evaluation work: ``eval.num_shots`` demonstrations leave
+    held-out samples to query (more would repeat them), and the prompt with ``eval.max_new_tokens`` fits the
+    LM's positions. Reads the demonstrations only (a batch or two), before any training step."""
+    cfg = config.eval
+    if demo_loader is None or not cfg.uses_demonstrations():
+        return
+    held_out = sum(demo_loader.num_samples.values())
+    if cfg.num_shots >= held_out:
+        raise ConfigError(
+            f"eval.num_shots: expected < the {held_out} samples of data.val.shards={config.data.val.shards!r} (the "
+            f"demonstrations and the queries are drawn from them; more would repeat them), got {cfg.num_shots}"
+        )
+    positions = lm_positions(model.lang_encoder)
+    if positions is None:
+        return
+    import vlm
+
+    demos, queries = demo_examples(demo_loader, model.tokenizer, cfg.num_shots, 1)
+    prompt = vlm.build_few_shot_prompt(demos, queries[0][0], config.data.val.caption_prefix)
+    length = int(vlm.FlamingoProcessor(model.tokenizer, model.image_processor)([prompt]).input_ids.shape[1])
+    if length + cfg.max_new_tokens > positions:
+        raise ConfigError(
+            f"eval.num_shots: {cfg.num_shots} demonstrations make a {length}-token prompt, which with "
+            f"eval.max_new_tokens={cfg.max_new_tokens} needs {length + cfg.max_new_tokens} positions; the language "
+            f"model has {positions}. Expected fewer demonstrations (or new tokens), got eval.num_shots={cfg.num_shots}"
+        )
 
 
 @torch.no_grad()

@@ -19,29 +19,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm.config import FlamingoConfig
+
 from .config import ModelConfig
 from .tiny_bases import TinyBases, ensure_tiny_bases
 
 
-def resolve_bases(cfg: ModelConfig, cache_dir: str) -> tuple[dict[str, Any], Optional[TinyBases]]:
-    """``create_model_and_transforms`` arguments naming the bases (building the tiny ones if configured)."""
+def resolve_bases(cfg: ModelConfig, cache_dir: str) -> tuple[FlamingoConfig, Optional[TinyBases]]:
+    """The model's FlamingoConfig, its bases named: the tiny ones built (once) if configured, named offline bases
+    prepared."""
     if cfg.tiny is not None:
         tiny = ensure_tiny_bases(cfg.tiny, cache_dir)
-        names = {
-            "clip_vision_encoder_path": tiny.clip_name,
-            "clip_vision_encoder_pretrained": None,
-            "lang_encoder_path": tiny.lang_encoder_path,
-            "tokenizer_path": tiny.tokenizer_path,
-        }
-        return names, tiny
-    names = {
-        "clip_vision_encoder_path": cfg.clip_vision_encoder_path,
-        "clip_vision_encoder_pretrained": cfg.clip_vision_encoder_pretrained,
-        "lang_encoder_path": cfg.lang_encoder_path,
-        "tokenizer_path": cfg.tokenizer_path,
-    }
-    prepare_named_bases(names)
-    return names, None
+        return cfg.flamingo_config(tiny.names()), tiny
+    flamingo = cfg.flamingo_config()
+    prepare_named_bases(flamingo.to_dict())
+    return flamingo, None
 
 
 def prepare_named_bases(names: dict[str, Any]) -> None:
@@ -64,13 +56,14 @@ def prepare_named_bases(names: dict[str, Any]) -> None:
             print(f"prepared base {name!r} in {seconds:.0f} s (once; cached in {bases.cache_dir()})", flush=True)
 
 
-def build_model(cfg: ModelConfig, bases: dict[str, Any], seed: int):
-    """(model, image_processor, tokenizer) with the configured parts trainable. Same weights on every rank."""
+def build_model(cfg: ModelConfig, flamingo: FlamingoConfig, seed: int):
+    """(model, image_processor, tokenizer) of ``flamingo`` (:func:`resolve_bases`) with the parts ``cfg`` trains
+    trainable. Same weights on every rank."""
     import vlm
 
     torch.manual_seed(seed)
     model, image_processor, tokenizer = vlm.create_model_and_transforms(
-        **bases, use_local_files=cfg.use_local_files, **cfg.flamingo_kwargs()
+        **flamingo.to_dict(), use_local_files=cfg.use_local_files
     )
     if not cfg.freeze_lm:
         added = set(model.added_parameter_names())

@@ -1,7 +1,7 @@
 """Tiny base models for the embedded default run, built offline with random weights.
 
 No pretrained weights can be downloaded here, so the default run builds its own small bases and trains them
-(``freeze_vision`` / ``freeze_lm`` false): an open_clip ViT defined by a model config registered with open_clip,
+(``freeze_vision_encoder`` / ``freeze_lm`` false): an open_clip ViT defined by a model config registered with open_clip,
 a Llama-style causal LM saved with ``save_pretrained``, and a byte-level BPE tokenizer trained on captions of the
 synthetic dataset. They are loaded through the same code paths as real bases (open_clip by name,
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a directory). Everything is a pure function of the config, written
@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,6 +36,15 @@ class TinyBases:
     clip_config_dir: str  # register with open_clip.add_model_config before building (or loading) the model
     lang_encoder_path: str
     tokenizer_path: str
+
+    def names(self) -> dict[str, Optional[str]]:
+        """The FlamingoConfig fields naming these bases (the vision tower has random weights: no pretrained tag)."""
+        return {
+            "clip_vision_encoder_path": self.clip_name,
+            "clip_vision_encoder_pretrained": None,
+            "lang_encoder_path": self.lang_encoder_path,
+            "tokenizer_path": self.tokenizer_path,
+        }
 
 
 def fingerprint(config: TinyBasesConfig) -> str:

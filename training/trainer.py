@@ -53,6 +53,7 @@ from .distributed import (
 from .engine import build_deepspeed_config, initialize_engine, load_deepspeed_json, zero_stage
 from .evaluation import (
     FewShotSample,
+    check_few_shot_prompts,
     constant_images,
     demo_examples,
     few_shot_captions,
@@ -148,10 +149,10 @@ class Trainer:
         self.output_dir = Path(config.run.output_dir)
 
         # Shared files (tiny bases, generated data) are written by rank 0, then read by everyone.
-        self.bases, self.tiny = main_first(ctx, lambda: resolve_bases(config.model, config.data.cache_dir))
+        self.flamingo_config, self.tiny = main_first(ctx, lambda: resolve_bases(config.model, config.data.cache_dir))
         self.synthetic = main_first(ctx, lambda: ensure_synthetic(config.data, show_progress=ctx.is_main))
 
-        model, self.image_processor, self.tokenizer = build_model(config.model, self.bases, config.run.seed)
+        model, self.image_processor, self.tokenizer = build_model(config.model, self.flamingo_config, config.run.seed)
         loaders = build_train_loaders(
             config, self.tokenizer, self.image_processor, self.synthetic, ctx.rank, ctx.world_size
         )
@@ -161,6 +162,8 @@ class Trainer:
         )
         # the same demonstration/query images on every rank (generation must take the same steps everywhere)
         self.demo_loader = build_val_loader(config, self.tokenizer, self.image_processor, self.synthetic, 0, 1)
+        # before any step: the demonstrations fit the held-out set and the prompts the LM's positions
+        check_few_shot_prompts(config, model, self.demo_loader)
 
         self.optimizer = build_optimizer(model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.run.max_steps)

@@ -53,6 +53,7 @@ def test_recipe_end_to_end_on_tiny_flickr(tmp_path):
     sets = [
         f"data.cache_dir={tmp_path / 'cache'}",  # the tiny random bases are built there
         "run.max_steps=4",
+        "optim.warmup_steps=1",  # the warmup ends before run.max_steps
         "run.num_threads=1",
         "data.pairs.batch_size=4",
         "data.pairs.max_length=64",

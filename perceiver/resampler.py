@@ -60,6 +60,9 @@ class PerceiverResampler(nn.Module):
     ``T_img`` images per example, ``F`` frames per image (1 for still images), ``v`` patch tokens per
     frame. ``max_num_frames`` / ``max_num_media`` enable learned frame / media-time embeddings for up
     to that many frames / image slots (``None`` disables them, as in OpenFlamingo's default).
+    ``max_num_media_tokens`` enables learned position embeddings of the ``v`` tokens of a frame (up to that
+    many): without them the resampler is invariant to the order of the tokens, so it cannot tell where in the
+    image a feature was unless the features say so themselves (a ViT's do; a CNN's grid mostly does not).
     ``media_mask`` (B, T_img), True = image present: the latents of absent (padding) images are zero.
     """
 
@@ -73,6 +76,7 @@ class PerceiverResampler(nn.Module):
         widening_factor: int = 4,
         max_num_media: Optional[int] = None,
         max_num_frames: Optional[int] = None,
+        max_num_media_tokens: Optional[int] = None,
         gelu_approximate: GeluApproximate = "none",
         layer_norm_eps: float = 1e-5,
     ):
@@ -87,17 +91,26 @@ class PerceiverResampler(nn.Module):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PerceiverResampler.{name} must be a positive int, got {value!r}")
-        for name, value in (("max_num_media", max_num_media), ("max_num_frames", max_num_frames)):
+        for name, value in (
+            ("max_num_media", max_num_media),
+            ("max_num_frames", max_num_frames),
+            ("max_num_media_tokens", max_num_media_tokens),
+        ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"PerceiverResampler.{name} must be None or a positive int, got {value!r}")
         self.num_channels = num_channels
         self.num_latents = num_latents
         self.max_num_media = max_num_media
         self.max_num_frames = max_num_frames
+        self.max_num_media_tokens = max_num_media_tokens
         # Unit-variance init as in Flamingo reference implementations (each use is LayerNorm-ed first).
         self.latents = nn.Parameter(torch.randn(num_latents, num_channels))
         self.frame_embeddings = nn.Parameter(torch.randn(max_num_frames, num_channels)) if max_num_frames else None
         self.media_time_embeddings = nn.Parameter(torch.randn(max_num_media, num_channels)) if max_num_media else None
+        # Small init: added to frozen features of any scale, they must not drown them at the start.
+        self.token_embeddings = (
+            nn.Parameter(0.1 * torch.randn(max_num_media_tokens, num_channels)) if max_num_media_tokens else None
+        )
         self.layers = nn.ModuleList(
             ResamplerBlock(num_channels, num_heads, head_channels, widening_factor, gelu_approximate, layer_norm_eps)
             for _ in range(depth)
@@ -116,6 +129,10 @@ class PerceiverResampler(nn.Module):
                 f"media_mask must be a bool tensor of shape (B, T_img)={(b, t)}, "
                 f"got {media_mask.dtype} {tuple(media_mask.shape)}"
             )
+        if self.token_embeddings is not None:
+            if v > self.max_num_media_tokens:
+                raise ValueError(f"{v} tokens per frame, but max_num_media_tokens={self.max_num_media_tokens}")
+            x = x + self.token_embeddings[:v]  # (v, D) broadcast over images and frames
         if self.frame_embeddings is not None:
             if f > self.max_num_frames:
                 raise ValueError(f"{f} frames per image, but max_num_frames={self.max_num_frames}")

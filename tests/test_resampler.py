@@ -135,3 +135,22 @@ def test_validation_errors():
         _resampler(max_num_frames=1)(torch.randn(1, 1, 2, 7, D))
     with pytest.raises(ValueError, match="media_mask"):
         _resampler()(torch.randn(1, 2, 1, 7, D), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_token_position_embeddings_break_the_permutation_invariance():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 1, 9, 16)
+    perm = torch.randperm(9)
+    plain = PerceiverResampler(16, depth=2, num_latents=4, num_heads=2, head_channels=8).eval()
+    # without positions the latents are a function of the set of tokens: their order cannot matter
+    torch.testing.assert_close(plain(x), plain(x[:, :, :, perm]), rtol=1e-5, atol=1e-5)
+    positioned = PerceiverResampler(16, depth=2, num_latents=4, num_heads=2, head_channels=8, max_num_media_tokens=9)
+    positioned.eval()
+    assert positioned.token_embeddings.shape == (9, 16)
+    assert (positioned(x) - positioned(x[:, :, :, perm])).abs().max() > 1e-3  # now where a token is matters
+    # fewer tokens use the first positions; more than the table holds is an error naming both numbers
+    assert positioned(x[:, :, :, :4]).shape == (2, 1, 4, 16)
+    with pytest.raises(ValueError, match="10 tokens per frame, but max_num_media_tokens=9"):
+        positioned(torch.randn(1, 1, 1, 10, 16))
+    with pytest.raises(ValueError, match="max_num_media_tokens"):
+        PerceiverResampler(16, max_num_media_tokens=0)

@@ -43,6 +43,7 @@ class FlamingoConfig:
     resampler_widening_factor: int = 4
     max_num_media: Optional[int] = None
     max_num_frames: Optional[int] = None
+    max_num_media_tokens: Optional[int] = None
     cross_attn_num_heads: int = 8
     cross_attn_head_channels: int = 64
     cross_attn_widening_factor: int = 4
@@ -71,7 +72,7 @@ class FlamingoConfig:
             "cross_attn_head_channels",
             "cross_attn_widening_factor",
         )
-        for name in ("max_num_media", "max_num_frames"):
+        for name in ("max_num_media", "max_num_frames", "max_num_media_tokens"):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
 

@@ -74,6 +74,7 @@ class Flamingo(nn.Module):
             widening_factor=config.resampler_widening_factor,
             max_num_media=config.max_num_media,
             max_num_frames=config.max_num_frames,
+            max_num_media_tokens=config.max_num_media_tokens,
         )
 
         lang_encoder.requires_grad_(False)

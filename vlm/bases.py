@@ -182,6 +182,17 @@ def is_prepared(name: str, root: Optional[os.PathLike] = None) -> bool:
     return _prepared(Path(root or cache_dir()) / name, source)
 
 
+def _marker_info(base: VisionBase | LanguageBase, source: Path) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "name": base.name,
+        "package": f"{base.package}=={base.version}",
+        "source": str(source),
+        "source_size": source.stat().st_size,
+        "source_sha256": _sha256(source),
+    }
+
+
 def _publish(staging: Path, root: Path, info: dict) -> None:
     (staging / MARKER).write_text(json.dumps(info, indent=2))
     staging.chmod(0o755)  # mkdtemp creates it private
@@ -304,15 +315,7 @@ def prepare_vision_base(name: str, root: Optional[os.PathLike] = None, show_prog
             state = {k: v.contiguous() for k, v in model.state_dict().items()}
             save_file(state, staging / prepared.checkpoint.name)
             bar.update()
-        info = {
-            "format": FORMAT_VERSION,
-            "name": name,
-            "package": f"{base.package}=={base.version}",
-            "source": str(source),
-            "source_size": source.stat().st_size,
-            "source_sha256": _sha256(source),
-        }
-        _publish(staging, directory, info)
+        _publish(staging, directory, _marker_info(base, source))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return prepared
@@ -364,15 +367,7 @@ def prepare_language_base(name: str, root: Optional[os.PathLike] = None, show_pr
             model.generation_config.pad_token_id = None
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        info = {
-            "format": FORMAT_VERSION,
-            "name": name,
-            "package": f"{base.package}=={base.version}",
-            "source": str(source),
-            "source_size": source.stat().st_size,
-            "source_sha256": _sha256(source),
-        }
-        _publish(staging, directory, info)
+        _publish(staging, directory, _marker_info(base, source))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -45,11 +45,30 @@ def test_every_preset_validates(path):
 def test_default_preset_is_the_embedded_default():
     assert load_config(PROJECT_ROOT / "configs" / "default.yaml") == TrainConfig() == load_config(None)
     model = TrainConfig().model
-    # the Flamingo recipe on offline pretrained bases: both frozen, gates start closed
-    assert model.tiny is None and model.freeze_vision_encoder and model.freeze_lm and model.gate_init is None
+    # the Flamingo recipe on offline pretrained bases: both frozen, gates start slightly open, token positions
+    assert model.tiny is None and model.freeze_vision_encoder and model.freeze_lm and model.gate_init == 0.1
+    assert model.max_num_media_tokens == 49  # EfficientNet-Lite0's 7 x 7 grid
     assert (model.clip_vision_encoder_path, model.clip_vision_encoder_pretrained) == ("efficientnet-lite0", "imagenet")
     assert model.lang_encoder_path == model.tokenizer_path == "smollm2-135m"
     assert TrainConfig().run.precision == "auto"
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> set:
+    keys = set()
+    for k, v in tree.items():
+        keys.add(prefix + k)
+        if isinstance(v, dict):
+            keys |= _dotted_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def test_default_preset_spells_out_every_key():
+    """configs/default.yaml is where users read the defaults: every key of TrainConfig is written there."""
+    import yaml
+
+    written = _dotted_keys(yaml.safe_load((PROJECT_ROOT / "configs" / "default.yaml").read_text()))
+    missing = _dotted_keys(TrainConfig().to_dict()) - written
+    assert not missing, f"configs/default.yaml lacks {sorted(missing)}"
 
 
 def test_tiny_random_preset_is_the_former_default():
@@ -273,7 +292,7 @@ def _other_value(f, default):
         return not default
     if isinstance(default, int):
         return default + 1
-    if f.name in ("max_num_media", "max_num_frames"):
+    if f.name in ("max_num_media", "max_num_frames", "max_num_media_tokens"):
         return 3
     return f"custom-{f.name}"  # names, paths, decoder_layers_attr_name
 

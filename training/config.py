@@ -130,6 +130,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "cross_attn_every_n_layers": 5,  # SmolLM2-135M has 30 layers: 6 gated cross-attention layers
     "resampler_depth": 2,
     "resampler_num_latents": 16,
+    # learned positions of a frame's tokens: a CNN grid (EfficientNet-Lite0's 7 x 7 = 49) carries no position
+    # information of its own, and without them the resampler sees a bag of features
+    "max_num_media_tokens": 49,
 }
 _FlamingoFields = create_model(
     "_FlamingoFields",
@@ -151,16 +154,18 @@ class ModelConfig(_FlamingoFields):
     use_local_files: no hub downloads. freeze_lm (freeze_vision_encoder: FlamingoConfig's): keep the base weights
     frozen (as OpenFlamingo does); tiny random bases must train. activation_checkpointing: recompute the LM decoder
     layers, cross-attention blocks and resampler layers in the backward pass. gate_init: start value of the
-    cross-attention tanh gates; null keeps the model's 0 (the blocks start as the identity, right for a pretrained
-    LM). From-scratch bases need open gates: with a random LM and vision tower, gates at 0 get no consistent
-    gradient and the visual pathway never starts to learn.
+    cross-attention tanh gates; null keeps the model's 0 (the blocks start as the identity, as OpenFlamingo
+    does). The default 0.1 starts them slightly open: on the pretrained bases, 250 steps from gates at 0 left the
+    held-out attribute accuracy at the image-ablated control's (15.3% both), from 0.1 they read the picture.
+    From-scratch bases need wider open gates (tiny-random: 0.5): with a random LM and vision tower, gates at 0 get
+    no consistent gradient and the visual pathway never starts to learn.
     """
 
     tiny: Optional[TinyBasesConfig] = None
     use_local_files: StrictBool = False
     freeze_lm: StrictBool = True
     activation_checkpointing: StrictBool = False
-    gate_init: Optional[float] = None
+    gate_init: Optional[float] = 0.1
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -290,7 +295,7 @@ class DataConfig(Section):
     )
     val: Optional[EvalStreamConfig] = Field(default_factory=EvalStreamConfig)
     synthetic: Optional[SyntheticConfig] = Field(
-        default_factory=lambda: SyntheticConfig(num_docs=600, num_val_pairs=64)
+        default_factory=lambda: SyntheticConfig(num_docs=600, num_val_pairs=96)
     )
     cache_dir: str = "outputs/cache"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import resource
@@ -28,6 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PRECISIONS, count_flops, gemm_peak_gflops, maybe_compile, precision_context, rate_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,8 +123,9 @@ def build(impl: str, cfg: dict) -> nn.Module:
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def train_step(model: nn.Module, x: torch.Tensor) -> None:
-    out = model(x)
+def train_step(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> None:
+    with precision_context(precision):
+        out = model(x)
     out.float().square().mean().backward()
     model.zero_grad(set_to_none=True)
 
@@ -139,14 +144,14 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure_memory(impl: str, cfg: dict, batch: int, length: int) -> float:
+def measure_memory(impl: str, cfg: dict, batch: int, length: int, precision: str = "fp32") -> float:
     """Peak RSS growth (MiB) of one training step, in a fresh interpreter."""
     here = str(Path(__file__).resolve().parent)
     code = (
         f"import json,sys,torch; sys.path.insert(0, {here!r}); import bench_encoder as b;"
         "torch.manual_seed(0); cfg=json.loads(sys.argv[1]); m=b.build(sys.argv[2], cfg);"
         f"x=torch.randn({batch}, {length}, cfg['input_channels']); base=b.current_rss_mib();"
-        "b.train_step(m, x); print(b.peak_rss_mib()-base)"
+        f"b.train_step(m, x, {precision!r}); print(b.peak_rss_mib()-base)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(cfg), impl], capture_output=True, text=True, check=True
@@ -154,21 +159,32 @@ def measure_memory(impl: str, cfg: dict, batch: int, length: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def time_steps(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+def time_steps(
+    models: dict[str, nn.Module], x: torch.Tensor, repeats: int, precision: str = "fp32"
+) -> dict[str, float]:
     """Median seconds per training step; implementations interleaved round by round."""
-    for m in models.values():  # warm-up
-        train_step(m, x)
+    for m in models.values():  # warm-up (twice: a compiled model compiles its backward on the first call)
+        train_step(m, x, precision)
+        train_step(m, x, precision)
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in tqdm(range(repeats), desc="rounds", leave=False):
         for name, m in models.items():
             t = time.perf_counter()
-            train_step(m, x)
+            train_step(m, x, precision)
             times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+IMPLS = ["ours", "hf", "perceiver-pytorch"]
+REFERENCE = "hf"  # FLOPs of a step are counted on it
+
+
 def run_peers(args) -> dict:
-    impls = ["ours", "hf", "perceiver-pytorch"]
+    impls = IMPLS
+    peak = gemm_peak_gflops(args.precision)
+    print(
+        f"measured {args.precision} GEMM peak (4096^3 matrix multiply): {peak:.0f} GFLOP/s, {torch.get_num_threads()} threads"
+    )
     results = {}
     for name in args.configs:
         cfg = PEER_CONFIGS[name]
@@ -176,39 +192,86 @@ def run_peers(args) -> dict:
         models = {k: build(k, cfg).train() for k in impls}
         params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
         x = torch.randn(cfg["batch"], cfg["length"], cfg["input_channels"])
-        secs = time_steps(models, x, args.repeats)
+        flops = count_flops(functools.partial(train_step, models[REFERENCE], x, args.precision))
+        for m in models.values():
+            maybe_compile(m, args.compile)
+        secs = time_steps(models, x, args.repeats, args.precision)
         del models
-        mem = {k: measure_memory(k, cfg, cfg["batch"], cfg["length"]) for k in tqdm(impls, desc="memory", leave=False)}
+        mem = {}
+        if not args.no_memory:
+            mem = {
+                k: measure_memory(k, cfg, cfg["batch"], cfg["length"], args.precision)
+                for k in tqdm(impls, desc="memory", leave=False)
+            }
+        rows = rate_rows(secs, flops, peak)
         fastest_peer = min(secs[k] for k in impls if k != "ours")
-        lowest_peer_mem = min(mem[k] for k in impls if k != "ours")
         results[name] = {
             "config": cfg,
+            "precision": args.precision,
+            "compile": args.compile,
             "threads": torch.get_num_threads(),
             "params": params,
+            "flops_per_step": flops,
+            "gemm_peak_gflops": peak,
             "seconds_per_step": secs,
+            "gflops": {k: r["gflops"] for k, r in rows.items()},
+            "fraction_of_peak": {k: r["fraction_of_peak"] for k, r in rows.items()},
             "peak_memory_mib": mem,
             "samples_per_second": {k: cfg["batch"] / s for k, s in secs.items()},
             "speedup_vs_fastest_peer": fastest_peer / secs["ours"],
-            "memory_ratio_vs_lowest_peer": mem["ours"] / lowest_peer_mem,
         }
+        if mem:
+            results[name]["memory_ratio_vs_lowest_peer"] = mem["ours"] / min(mem[k] for k in impls if k != "ours")
         print(
-            f"\n[{name}] forward+backward, batch {cfg['batch']}, {cfg['length']} inputs x {cfg['input_channels']} "
-            f"channels, {cfg['num_latents']} x {cfg['latent_channels']} latents, {cfg['self_attends']} self-attends, "
-            f"{torch.get_num_threads()} threads"
+            f"\n[{name}] forward+backward, {args.precision}{' compiled' if args.compile else ''}, batch {cfg['batch']}, "
+            f"{cfg['length']} inputs x {cfg['input_channels']} channels, {cfg['num_latents']} x "
+            f"{cfg['latent_channels']} latents, {cfg['self_attends']} self-attends, {torch.get_num_threads()} threads, "
+            f"{flops / 1e9:.1f} GFLOP a step"
         )
         print(
-            f"{'implementation':<20}{'params':>12}{'s/step':>10}{'samples/s':>11}{'peak MiB':>10}{'ours faster by':>16}"
+            f"{'implementation':<20}{'params':>12}{'s/step':>10}{'GFLOP/s':>10}{'of peak':>9}{'peak MiB':>10}"
+            f"{'ours faster by':>16}"
         )
         for k in impls:
+            m_str = f"{mem[k]:>10.0f}" if mem else f"{'-':>10}"
             print(
-                f"{k:<20}{params[k]:>12,}{secs[k]:>10.3f}{cfg['batch'] / secs[k]:>11.2f}{mem[k]:>10.0f}"
-                f"{secs[k] / secs['ours']:>15.2f}x"
+                f"{k:<20}{params[k]:>12,}{secs[k]:>10.3f}{rows[k]['gflops']:>10.0f}{rows[k]['fraction_of_peak']:>8.0%}"
+                f"{m_str}{secs[k] / secs['ours']:>15.2f}x"
             )
-        print(
-            f"ours vs fastest peer: {results[name]['speedup_vs_fastest_peer']:.2f}x the speed, "
-            f"{results[name]['memory_ratio_vs_lowest_peer']:.2f}x the peak memory of the leanest peer"
-        )
+        line = f"ours vs fastest peer: {results[name]['speedup_vs_fastest_peer']:.2f}x the speed"
+        if mem:
+            line += f", {results[name]['memory_ratio_vs_lowest_peer']:.2f}x the peak memory of the leanest peer"
+        print(line)
     return results
+
+
+def plot_peers(results: dict, path: Path) -> None:
+    """Bars: achieved GFLOP/s per configuration and implementation, the measured GEMM peak as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(IMPLS)
+    for i, impl in enumerate(IMPLS):
+        xs = [j + (i - (len(IMPLS) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [results[n]["gflops"][impl] for n in names], width=width, label=impl)
+    peak = results[names[0]]["gemm_peak_gflops"]
+    ax.axhline(peak, color="k", linestyle="--", linewidth=1, label=f"GEMM peak {peak:.0f}")
+    for j, n in enumerate(names):
+        ax.annotate(
+            f"{results[n]['speedup_vs_fastest_peer']:.2f}x", (j, results[n]["gflops"]["ours"]), ha="center", va="bottom"
+        )
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("GFLOP/s (forward + backward)")
+    r0 = results[names[0]]
+    ax.set_title(f"Perceiver encoder, {r0['precision']}{' compiled' if r0['compile'] else ''}, {r0['threads']} threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def slope(xs, ys) -> float:
@@ -245,8 +308,8 @@ def run_scaling(args) -> dict:
             x = torch.randn(SCALING_BATCH, m_len, cfg["input_channels"])
             # the Perceiver's steps are short and noisier: more repeats for a stable median
             repeats = args.scaling_repeats * (3 if impl == "ours" else 1)
-            secs = time_steps({impl: model}, x, repeats)[impl]
-            mem = measure_memory(impl, cfg, SCALING_BATCH, m_len)
+            secs = time_steps({impl: model}, x, repeats, args.precision)[impl]
+            mem = measure_memory(impl, cfg, SCALING_BATCH, m_len, args.precision)
             rows.append({"impl": impl, "length": m_len, "seconds": secs, "peak_memory_mib": mem})
             if impl == "transformer" and secs > args.transformer_cap_seconds:
                 skip_transformer = True  # the next doubling would take ~4x longer
@@ -316,16 +379,25 @@ def main() -> None:
         help="stop growing the transformer's input once one step takes longer than this",
     )
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast, for every implementation")
+    p.add_argument("--compile", action="store_true", help="torch.compile every implementation (in place)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)
     out = {}
+    suffix = (
+        ""
+        if args.precision == "fp32" and not args.compile
+        else f"_{args.precision}{'_compiled' if args.compile else ''}"
+    )
     if args.part in ("peers", "all"):
         out["peers"] = run_peers(args)
+        plot_peers(out["peers"], RESULTS / f"encoder_peers{suffix}.png")
     if args.part in ("scaling", "all"):
         out["scaling"] = run_scaling(args)
-    name = "encoder.json" if args.part == "all" else f"encoder_{args.part}.json"
+    name = f"encoder{suffix}.json" if args.part == "all" else f"encoder_{args.part}{suffix}.json"
     (RESULTS / name).write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / name}")
 

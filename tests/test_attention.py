@@ -147,3 +147,65 @@ def test_gelu_form_selectable(approximate):
         else 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
     )
     assert_close(layer.mlp[1](x), expected)
+
+
+def _bf16_attention_case(masked: bool, causal: bool):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 16, requires_grad=True)
+    k = torch.randn(2, 4, 13, 16, requires_grad=True)
+    v = torch.randn(2, 4, 13, 16, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 9, 13) > 0.4
+        mask[1, 0, 3] = False  # a fully-masked query row
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_cpu_attention_takes_the_explicit_path_and_matches_fp32(monkeypatch, masked, causal):
+    """bf16 on CPU runs attention as matmul + softmax (faster than the CPU flash kernel there): same values and
+    gradients as the fp32 SDPA reference within bf16 tolerance, fully-masked rows zero, and the same result as
+    bf16 SDPA."""
+    import perceiver.attention as A
+
+    q, k, v, mask = _bf16_attention_case(masked, causal)
+    calls = []
+    explicit = A._explicit_attention
+    monkeypatch.setattr(A, "_explicit_attention", lambda *a: calls.append(1) or explicit(*a))
+
+    def run(dtype):
+        out = A.attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, causal, 0.0)
+        grads = torch.autograd.grad(out.float().square().sum(), [q, k, v])
+        return out.float(), grads
+
+    ref, ref_grads = run(torch.float32)
+    assert not calls  # fp32 keeps SDPA
+    out, grads = run(torch.bfloat16)
+    assert calls == [1]
+    monkeypatch.setattr(A, "EXPLICIT_ATTENTION_MAX_SCORES", 0)
+    sdpa, sdpa_grads = run(torch.bfloat16)
+    assert calls == [1]  # over the size limit: SDPA
+    for a, b in [(out, ref), (sdpa, ref), *zip(grads, ref_grads), *zip(sdpa_grads, ref_grads)]:
+        assert torch.isfinite(a).all()
+        assert_close(a, b, atol=0.05, rtol=0.05)
+    if masked:
+        assert (out[1, :, 3] == 0).all()
+    if causal:  # a query sees only keys up to its diagonal (aligned to the last key): later keys get no gradient
+        q2, k2, v2, _ = _bf16_attention_case(False, True)
+        out = A.attend(q2.bfloat16(), k2.bfloat16(), v2.bfloat16(), None, True, 0.0)
+        (g,) = torch.autograd.grad(out[:, :, 0].float().sum(), [v2])
+        assert (g[:, :, 13 - 9 + 1 :] == 0).all() and (g[:, :, : 13 - 9 + 1] != 0).any()
+
+
+def test_encoder_under_bf16_autocast_uses_the_explicit_path_and_agrees_with_fp32():
+    from perceiver import EncoderConfig, PerceiverEncoder
+
+    enc = PerceiverEncoder(EncoderConfig(num_input_channels=12, num_latents=8, num_latent_channels=32))
+    x = torch.randn(2, 50, 12)
+    ref = enc(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(x)
+    assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.02, rel  # bf16 has 8 mantissa bits: ~0.4% per rounding

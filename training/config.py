@@ -68,6 +68,8 @@ class RunConfig(Section):
     root). max_seconds: a time limit (wall-clock seconds of the training loop, rank 0's clock; null: none). When it
     is reached the run ends like a finished one -- held-out loss, checkpoint, export -- at the step it reached; the
     LR schedule still spans max_steps (it is cut short, not compressed). Starting the run again continues it.
+    compile: ``torch.compile`` the resampler and the gated cross-attention blocks (training.modeling
+    .compile_own_modules; the first steps then include the compilation).
     """
 
     output_dir: Annotated[str, Field(min_length=1)] = "outputs/default"
@@ -78,6 +80,7 @@ class RunConfig(Section):
     deepspeed: str = "configs/deepspeed/zero0.json"
     num_threads: Optional[PositiveInt] = None
     max_seconds: Optional[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = None
+    compile: StrictBool = False
 
     def deepspeed_path(self) -> Path:
         path = Path(self.deepspeed)

@@ -64,7 +64,14 @@ from .evaluation import (
 )
 from .lock import lock_output_dir
 from .metrics import MetricsLogger, plot_loss_curve
-from .modeling import build_model, export_pretrained, exported_parameter_names, load_exported, resolve_bases
+from .modeling import (
+    build_model,
+    compile_own_modules,
+    export_pretrained,
+    exported_parameter_names,
+    load_exported,
+    resolve_bases,
+)
 from .optim import build_optimizer, build_scheduler
 
 
@@ -171,6 +178,10 @@ class Trainer:
         self.zero_stage = zero_stage(self.ds_config)
         self.engine = initialize_engine(model, self.optimizer, self.ds_config)
         self.model = self.engine.module
+        if config.run.compile:  # after DeepSpeed has cast the weights (bf16): compiled for the dtypes it runs in
+            compiled = compile_own_modules(self.model)
+            if ctx.is_main:
+                print(f"torch.compile: {compiled} modules (resampler, gated cross-attention)", flush=True)
 
         self.step = 0
         self.samples_seen = 0

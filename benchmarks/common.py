@@ -1,0 +1,82 @@
+"""What every benchmark reports the same way: precision, the machine's measured GEMM peak, FLOPs of a step.
+
+* ``precision_context(precision)``: ``fp32`` runs as built; ``bf16`` runs under ``torch.autocast`` (bf16 matrix
+  multiplies, fp32 weights as the master copy and fp32 reductions), the same for every implementation.
+* ``gemm_peak_gflops(precision)``: the rate of a large square matrix multiply of that precision, measured in the
+  run itself, so "fraction of peak" refers to this machine under its current load.
+* ``count_flops(fn)``: the FLOPs of one call, counted by ``torch.utils.flop_counter`` (matmuls, convolutions and
+  attention; elementwise work is not counted, as is usual).
+* ``maybe_compile(model, enabled)``: ``torch.compile`` in place (``nn.Module.compile``), so parameter names stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_context(precision: str, device: str = "cpu"):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def gemm_peak_gflops(precision: str, size: int = 4096, repeats: int = 5, device: str = "cpu") -> float:
+    """Best rate (GFLOP/s) of ``size x size @ size x size`` in ``precision`` (bf16 inputs, as autocast runs them)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up: kernel selection, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    if enabled:
+        model.compile()
+    return model
+
+
+def median_seconds(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def rate_rows(seconds: dict[str, float], flops: int, peak_gflops: float, ours: str = "ours") -> dict[str, dict]:
+    """Per implementation: seconds, GFLOP/s, fraction of the measured peak, and speed relative to the fastest peer
+    (for ``ours``) or to ``ours`` (for a peer)."""
+    peers = {k: v for k, v in seconds.items() if k != ours}
+    fastest_peer = min(peers.values()) if peers else None
+    rows = {}
+    for name, s in seconds.items():
+        gflops = flops / s / 1e9
+        row = {"seconds": s, "gflops": gflops, "fraction_of_peak": gflops / peak_gflops}
+        if name == ours and fastest_peer is not None:
+            row["speedup_vs_fastest_peer"] = fastest_peer / s
+        elif name != ours and ours in seconds:
+            row["ours_speedup"] = s / seconds[ours]
+        rows[name] = row
+    return rows

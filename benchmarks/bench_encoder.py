@@ -45,6 +45,10 @@ PEER_CONFIGS = {
     # 128x128 image with 64-band Fourier features (261 channels) as raw-pixel Perceiver input
     "image-128-fourier": dict(_BASE, batch=2, length=16384, input_channels=261, self_attends=2, widening=1),
 }
+DEFAULT_CONFIGS = list(PEER_CONFIGS)
+# a smoke-test size (tests/test_benchmarks.py), not part of the default run
+PEER_CONFIGS["tiny"] = dict(num_latents=8, latent_channels=32, cross_heads=1, self_heads=2, batch=2, length=64,
+                            input_channels=16, self_attends=1, widening=1)  # fmt: skip
 
 
 def build(impl: str, cfg: dict) -> nn.Module:
@@ -323,12 +327,12 @@ def run_scaling(args) -> dict:
             "memory_slope": slope([row["length"] for row in big], [max(row["peak_memory_mib"], 1e-3) for row in big]),
             "lengths_fitted": [row["length"] for row in big],
         }
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "scaling.csv", "w", newline="") as f:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.out_dir / "scaling.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot_scaling(rows, fits, RESULTS / "scaling.png")
+    plot_scaling(rows, fits, args.out_dir / "scaling.png")
     print(f"\n{'impl':<13}{'M':>8}{'s/step':>10}{'peak MiB':>10}")
     for row in rows:
         print(f"{row['impl']:<13}{row['length']:>8}{row['seconds']:>10.3f}{row['peak_memory_mib']:>10.0f}")
@@ -369,7 +373,8 @@ def plot_scaling(rows, fits, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["peers", "scaling", "all"], default="all")
-    p.add_argument("--configs", nargs="+", choices=list(PEER_CONFIGS), default=list(PEER_CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=list(PEER_CONFIGS), default=DEFAULT_CONFIGS)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scaling-repeats", type=int, default=3)
     p.add_argument(
@@ -385,7 +390,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    RESULTS.mkdir(exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     out = {}
     suffix = (
         ""
@@ -394,12 +399,12 @@ def main() -> None:
     )
     if args.part in ("peers", "all"):
         out["peers"] = run_peers(args)
-        plot_peers(out["peers"], RESULTS / f"encoder_peers{suffix}.png")
+        plot_peers(out["peers"], args.out_dir / f"encoder_peers{suffix}.png")
     if args.part in ("scaling", "all"):
         out["scaling"] = run_scaling(args)
     name = f"encoder{suffix}.json" if args.part == "all" else f"encoder_{args.part}{suffix}.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / name}")
+    (args.out_dir / name).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out_dir / name}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the open-flamingo helpers shared with
 
 from vlm_helpers import import_open_flamingo, openflamingo_greedy  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import PRECISIONS, count_flops, gemm_peak_gflops, precision_context  # noqa: E402
+
 # Scaled-down shapes of the released OpenFlamingo models: what matters for the comparison is the vision width
 # relative to the LM width (ViT-L/14 is 1024 wide; the 3B LM 2048, the 9B LM 4096) and how often
 # cross-attention is inserted. Resampler and cross-attention sizes are OpenFlamingo's defaults in both.
@@ -126,9 +129,21 @@ def ours_greedy(model, vision_x, input_ids, attention_mask, new_tokens: int) -> 
     )
 
 
-def train_step(model, vision_x, ids, mask, labels) -> None:
+def train_step(model, vision_x, ids, mask, labels, precision: str = "fp32") -> None:
     model.zero_grad(set_to_none=True)
-    model(vision_x, ids, attention_mask=mask, labels=labels).loss.backward()
+    with precision_context(precision):
+        loss = model(vision_x, ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+
+
+def compile_added_modules(model, reference: bool) -> int:
+    """torch.compile (in place) the parts a Flamingo adds, the same parts in both models: the resampler and the
+    gated cross-attention blocks."""
+    blocks = model.lang_encoder.gated_cross_attn_layers if reference else model.gated_cross_attn_layers
+    targets = [model.perceiver, *[b for b in blocks if b is not None]]
+    for module in targets:
+        module.compile()
+    return len(targets)
 
 
 def time_interleaved(fns: dict, repeats: int, desc: str) -> dict:
@@ -152,12 +167,27 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS / "vlm.json")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast, for both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile the resampler and cross-attention of both")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/vlm[_bf16][_compiled].json")
     args = p.parse_args()
+    if args.out is None:
+        suffix = "" if args.precision == "fp32" and not args.compile else f"_{args.precision}"
+        args.out = RESULTS / f"vlm{suffix}{'_compiled' if args.compile else ''}.json"
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = {"threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}, "configs": {}}
+    peak = gemm_peak_gflops(args.precision)
+    print(f"measured {args.precision} GEMM peak (4096^3 matrix multiply): {peak:.0f} GFLOP/s")
+    results = {
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "compile": args.compile,
+        "gemm_peak_gflops": peak,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "configs": {},
+    }
+    args.peak = peak
     for name in args.configs:
         results["configs"][name] = run_config(name, CONFIGS[name], args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +221,10 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_ylim(0, 1.2 * max(ours + ref))
         ax.legend(loc="upper left")
-    fig.suptitle(f"Flamingo vs open-flamingo, same weights ({results['threads']} CPU threads)")
+    fig.suptitle(
+        f"Flamingo vs open-flamingo, same weights, {results['precision']}"
+        f"{' compiled' if results['compile'] else ''} ({results['threads']} CPU threads)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -223,17 +256,25 @@ def run_config(name: str, shape: dict, args) -> dict:
 
         for model in (ours, ref):
             model.train()
+        prec = args.precision
+        train_flops = count_flops(lambda: train_step(ref, vision_x, ids, mask, labels, prec))
+        if args.compile:
+            compile_added_modules(ours, reference=False)
+            compile_added_modules(ref, reference=True)
         train = time_interleaved(
             {
-                "ours": lambda: train_step(ours, vision_x, ids, mask, labels),
-                "openflamingo": lambda: train_step(ref, vision_x, ids, mask, labels),
+                "ours": lambda: train_step(ours, vision_x, ids, mask, labels, prec),
+                "openflamingo": lambda: train_step(ref, vision_x, ids, mask, labels, prec),
             },
             args.repeats,
             "training step",
         )
         for model in (ours, ref):
             model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision_context(prec):
+            gen_flops = count_flops(
+                lambda: openflamingo_greedy(ref, vision_x, gen_ids, gen_mask, args.new_tokens), frozen=[ref]
+            )
             gen = time_interleaved(
                 {
                     "ours": lambda: ours_greedy(ours, vision_x, gen_ids, gen_mask, args.new_tokens),
@@ -254,15 +295,26 @@ def run_config(name: str, shape: dict, args) -> dict:
         "generate_s": gen,
         "generate_tokens_per_s": {k: new / v for k, v in gen.items()},
         "generate_speedup": gen["openflamingo"] / gen["ours"],
+        # FLOPs counted once on the reference (forward + backward; the whole greedy loop)
+        "train_flops": train_flops,
+        "generate_flops": gen_flops,
+        "train_gflops": {k: train_flops / v / 1e9 for k, v in train.items()},
+        "generate_gflops": {k: gen_flops / v / 1e9 for k, v in gen.items()},
+        "train_fraction_of_peak": {k: train_flops / v / 1e9 / args.peak for k, v in train.items()},
+        "generate_fraction_of_peak": {k: gen_flops / v / 1e9 / args.peak for k, v in gen.items()},
     }
     print(
         f"training step (B={args.batch}, {args.shots} images, {result['train_tokens_per_step']} tokens): "
-        f"ours {train['ours']:.3f} s, OpenFlamingo {train['openflamingo']:.3f} s -> {result['train_speedup']:.2f}x"
+        f"ours {train['ours']:.3f} s, OpenFlamingo {train['openflamingo']:.3f} s -> {result['train_speedup']:.2f}x; "
+        f"{train_flops / 1e9:.1f} GFLOP: ours {result['train_fraction_of_peak']['ours']:.0%} of the "
+        f"{prec} peak, OpenFlamingo {result['train_fraction_of_peak']['openflamingo']:.0%}"
     )
     print(
         f"generation ({args.new_tokens} new tokens, {args.shots} images, B={args.batch}): "
         f"ours {result['generate_tokens_per_s']['ours']:.1f} tok/s, "
-        f"OpenFlamingo {result['generate_tokens_per_s']['openflamingo']:.1f} tok/s -> {result['generate_speedup']:.2f}x"
+        f"OpenFlamingo {result['generate_tokens_per_s']['openflamingo']:.1f} tok/s -> {result['generate_speedup']:.2f}x; "
+        f"{gen_flops / 1e9:.1f} GFLOP (reference loop): ours {result['generate_fraction_of_peak']['ours']:.0%} of peak, "
+        f"OpenFlamingo {result['generate_fraction_of_peak']['openflamingo']:.0%}"
     )
     return result
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -47,11 +47,20 @@ def gemm_peak_gflops(precision: str, size: int = 4096, repeats: int = 5, device:
     return 2 * size**3 / best / 1e9
 
 
-def count_flops(fn: Callable[[], object]) -> int:
+def count_flops(fn: Callable[[], object], frozen: Iterable[torch.nn.Module] = ()) -> int:
+    """FLOPs of ``fn()``. Under ``no_grad``, pass the models as ``frozen``: their parameters stop requiring grad
+    while counting (the counter's module hooks cannot attach to a leaf that requires grad without autograd)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    params = [p for m in frozen for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return int(counter.get_total_flops())
 
 

@@ -1,0 +1,70 @@
+"""The benchmark scripts' shared measurements (FLOPs, rates, precision) are right, and both scripts run end to end
+on smoke-test sizes in fp32 and bf16, writing their JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import count_flops, gemm_peak_gflops, precision_context, rate_rows  # noqa: E402
+
+
+def test_flops_of_a_linear_training_step_are_counted():
+    layer = torch.nn.Linear(32, 16)
+    x = torch.randn(8, 32, requires_grad=True)
+    flops = count_flops(lambda: layer(x).sum().backward())
+    assert flops == 3 * 2 * 8 * 32 * 16  # forward, grad of the input, grad of the weight
+
+
+def test_bf16_precision_runs_matrix_multiplies_in_bf16():
+    a = torch.randn(4, 4)
+    with precision_context("bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with precision_context("fp32"):
+        assert (a @ a).dtype == torch.float32
+    with pytest.raises(ValueError, match="fp16"):
+        precision_context("fp16")
+
+
+def test_rates_and_ratios():
+    rows = rate_rows({"ours": 1.0, "a": 2.0, "b": 4.0}, flops=10e9, peak_gflops=20.0)
+    assert rows["ours"]["gflops"] == 10.0 and rows["ours"]["fraction_of_peak"] == 0.5
+    assert rows["ours"]["speedup_vs_fastest_peer"] == 2.0 and rows["b"]["ours_speedup"] == 4.0
+    assert 0 < gemm_peak_gflops("fp32", size=256, repeats=2) < 1e6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoder_benchmark_runs(tmp_path, precision):
+    cmd = [sys.executable, "benchmarks/bench_encoder.py", "--part", "peers", "--configs", "tiny", "--repeats", "1",
+           "--precision", precision, "--no-memory", "--out-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suffix = "" if precision == "fp32" else "_bf16"
+    result = json.loads((tmp_path / f"encoder_peers{suffix}.json").read_text())["peers"]["tiny"]
+    assert result["precision"] == precision and result["flops_per_step"] > 0 and result["gemm_peak_gflops"] > 0
+    assert set(result["fraction_of_peak"]) == {"ours", "hf", "perceiver-pytorch"}
+    assert (tmp_path / f"encoder_peers{suffix}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_vlm_benchmark_runs_in_bf16(tmp_path):
+    out = tmp_path / "vlm.json"
+    cmd = [sys.executable, "benchmarks/bench_vlm.py", "--configs", "tiny", "--repeats", "1", "--new-tokens", "4",
+           "--precision", "bf16", "--image-size", "32", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and result["gemm_peak_gflops"] > 0
+    tiny = result["configs"]["tiny"]
+    assert tiny["identical_greedy_tokens"] and tiny["train_flops"] > 0 and tiny["generate_flops"] > 0
+    assert set(tiny["train_fraction_of_peak"]) == {"ours", "openflamingo"}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -222,7 +222,12 @@ def test_gradient_accumulation_and_bf16(cache, tmp_path):
         small_config(cache, tmp_path, "run.max_steps=2", "optim.grad_accum_steps=2", "run.precision=bf16")
     )
     assert all(math.isfinite(result.losses[s]) for s in (1, 2))
+    # the CPU bf16 path: bf16 weights (the matrix multiplies run in bf16), fp32 master weights in the optimizer
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    opt = trainer.engine.optimizer  # DeepSpeed's mixed-precision wrapper: fp32 copies that the update is made on
+    masters = [p for g in getattr(opt, "fp32_groups", None) or opt.fp32_groups_flat_partition for p in g]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert sum(m.numel() for m in masters) >= sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     records = [r for r in read_records(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["samples"] for r in records] == [12, 12]  # 2 x (4 pairs + 2 documents)
     state = json.loads(json.dumps(trainer.streams["pairs"].state_dict()))

@@ -31,7 +31,16 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PRECISIONS, count_flops, gemm_peak_gflops, maybe_compile, precision_context, rate_rows  # noqa: E402
+from common import (  # noqa: E402
+    PRECISIONS,
+    count_flops,
+    gemm_peak_gflops,
+    gemm_share,
+    matmul_flops,
+    maybe_compile,
+    precision_context,
+    rate_rows,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -200,6 +209,11 @@ def run_peers(args) -> dict:
         for m in models.values():
             maybe_compile(m, args.compile)
         secs = time_steps(models, x, args.repeats, args.precision)
+        gemm = {}
+        if args.profile:  # where the time goes: the matrix multiplies every implementation shares, and the rest
+            for k, m in models.items():
+                step = functools.partial(train_step, m, x, args.precision)
+                gemm[k] = gemm_share(step, matmul_flops(step))
         del models
         mem = {}
         if not args.no_memory:
@@ -221,6 +235,7 @@ def run_peers(args) -> dict:
             "gflops": {k: r["gflops"] for k, r in rows.items()},
             "fraction_of_peak": {k: r["fraction_of_peak"] for k, r in rows.items()},
             "peak_memory_mib": mem,
+            "gemm_profile": gemm,
             "samples_per_second": {k: cfg["batch"] / s for k, s in secs.items()},
             "speedup_vs_fastest_peer": fastest_peer / secs["ours"],
         }
@@ -241,6 +256,11 @@ def run_peers(args) -> dict:
             print(
                 f"{k:<20}{params[k]:>12,}{secs[k]:>10.3f}{rows[k]['gflops']:>10.0f}{rows[k]['fraction_of_peak']:>8.0%}"
                 f"{m_str}{secs[k] / secs['ours']:>15.2f}x"
+            )
+        for k, g in gemm.items():
+            print(
+                f"  {k}: matrix multiplies {g['gemm_seconds']:.3f} s of a {g['step_seconds']:.3f} s profiled step "
+                f"({g['gemm_fraction']:.0%}) at {g['gemm_gflops']:.0f} GFLOP/s; the rest {g['step_seconds'] - g['gemm_seconds']:.3f} s"
             )
         line = f"ours vs fastest peer: {results[name]['speedup_vs_fastest_peer']:.2f}x the speed"
         if mem:
@@ -387,6 +407,7 @@ def main() -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast, for every implementation")
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation (in place)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="profile a step: time in matrix multiplies vs the rest")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -89,3 +89,46 @@ def rate_rows(seconds: dict[str, float], flops: int, peak_gflops: float, ours: s
             row["ours_speedup"] = s / seconds[ours]
         rows[name] = row
     return rows
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def gemm_share(fn: Callable[[], object], flops: int) -> dict[str, float]:
+    """Profile one call of ``fn``: the seconds its matrix multiplies take (``GEMM_OPS``, self time), the whole
+    call's seconds, and the rate the GEMMs reach (``flops`` / GEMM seconds: attention kernels are not GEMMs here,
+    so pass the FLOPs of the matmuls alone for a rate, or read ``gemm_seconds`` as the bound it is).
+
+    ``gemm_seconds`` is what no implementation of the same model can avoid at that rate: the step cannot take less."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    total = time.perf_counter() - t
+    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
+    return {
+        "step_seconds": total,
+        "gemm_seconds": gemm,
+        "gemm_fraction": gemm / total,
+        "gemm_gflops": flops / gemm / 1e9,
+    }
+
+
+def matmul_flops(fn: Callable[[], object], frozen: Iterable[torch.nn.Module] = ()) -> int:
+    """FLOPs of ``fn()`` in matrix multiplies alone (mm/addmm/bmm; attention kernels and convolutions excluded)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for m in frozen for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    aten = torch.ops.aten
+    gemm = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+    return int(sum(n for op, n in counter.get_flop_counts()["Global"].items() if op in gemm))

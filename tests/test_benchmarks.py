@@ -45,13 +45,15 @@ def test_rates_and_ratios():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_encoder_benchmark_runs(tmp_path, precision):
     cmd = [sys.executable, "benchmarks/bench_encoder.py", "--part", "peers", "--configs", "tiny", "--repeats", "1",
-           "--precision", precision, "--no-memory", "--out-dir", str(tmp_path)]  # fmt: skip
+           "--precision", precision, "--no-memory", "--profile", "--out-dir", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     suffix = "" if precision == "fp32" else "_bf16"
     result = json.loads((tmp_path / f"encoder_peers{suffix}.json").read_text())["peers"]["tiny"]
     assert result["precision"] == precision and result["flops_per_step"] > 0 and result["gemm_peak_gflops"] > 0
-    assert set(result["fraction_of_peak"]) == {"ours", "hf", "perceiver-pytorch"}
+    assert set(result["fraction_of_peak"]) == set(result["gemm_profile"]) == {"ours", "hf", "perceiver-pytorch"}
+    for g in result["gemm_profile"].values():
+        assert 0 < g["gemm_seconds"] < g["step_seconds"] and g["gemm_gflops"] > 0
     assert (tmp_path / f"encoder_peers{suffix}.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -34,6 +34,7 @@ import os
 import random
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -157,12 +158,33 @@ def write_shards(args, flickr: dict, shard_dir: Path, prefix: str) -> dict[str, 
 # ---------------------------------------------------------------------------------------------- training
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def same_training(a: list[str], b: list[str]) -> bool:
+    """Whether two training commands train the same run (the rendezvous port aside)."""
+
+    def strip(cmd: list[str]) -> list[str]:
+        cmd = list(cmd[1:])
+        if "--master_port" in cmd:
+            i = cmd.index("--master_port")
+            del cmd[i : i + 2]
+        return cmd
+
+    return strip(a) == strip(b)
+
+
 def training_command(args, shard_dir: Path, prefix: str, threads: int) -> tuple[list[str], str]:
     launcher = args.launcher
     if launcher == "auto":
         launcher = "deepspeed" if shutil.which("deepspeed") else "python"
     if launcher == "deepspeed":
-        head = ["deepspeed", *(["--num_gpus", str(args.num_processes)] if args.num_processes else [])]
+        # a free rendezvous port: the launcher's default (29500) is taken by any other job on the machine
+        head = ["deepspeed", "--master_port", str(free_port())]
+        head += ["--num_gpus", str(args.num_processes)] if args.num_processes else []
     else:
         if args.num_processes not in (None, 1):
             raise SystemExit("--num-processes > 1 needs the deepspeed launcher")
@@ -248,6 +270,8 @@ def evaluation_command(args, num_test: int) -> list[str]:
            "--model-dir", str(args.out / "train" / "export"), "--shots", *map(str, args.shots),
            "--trials", str(args.trials), "--modes", *args.modes, "--batch-size", str(args.eval_batch_size),
            "--device", device, "--dtype", eval_dtype(args.eval_dtype, device), "--out", str(args.out / "eval")]  # fmt: skip
+    if args.num_beams is not None:
+        cmd += ["--num-beams", str(args.num_beams)]
     if not args.no_ablation:
         cmd.append("--ablate-images")
     if args.num_samples and args.num_samples < num_test:
@@ -389,6 +413,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=1, help="evaluation trials (seeds 42, 43, ...)")
     p.add_argument("--num-samples", type=int, default=500, help="test images per trial (0 or >= the split: all 1,000)")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="beam width of the evaluation (default: vlm.eval's, OpenFlamingo's 3); 1 is greedy, ~2-3x faster")  # fmt: skip
     p.add_argument(
         "--eval-dtype",
         choices=["auto", "float32", "bfloat16"],
@@ -407,6 +433,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     lo, hi = args.doc_images
     if not 1 <= lo <= hi:
         raise SystemExit(f"--doc-images needs 1 <= MIN <= MAX, got {lo} {hi}")
+    if args.num_beams is not None and args.num_beams < 1:
+        raise SystemExit(f"--num-beams must be >= 1, got {args.num_beams}")
     for name in ("num_docs", "trials", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -464,7 +492,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     train_cmd, launcher = training_command(args, shard_dir, prefix, threads)
     train_record = args.out / "train" / "recipe_train.json"
     training = json.loads(train_record.read_text()) if train_record.is_file() else None
-    if training is not None and training["command"][1:] != train_cmd[1:]:
+    if training is not None and not same_training(training["command"], train_cmd):
         raise SystemExit(
             f"{args.out / 'train'} was trained by another command:\n  {' '.join(training['command'])}\n"
             "use another --out, or delete that directory to train again"

@@ -136,11 +136,10 @@ def train_step(model, vision_x, ids, mask, labels, precision: str = "fp32") -> N
     loss.backward()
 
 
-def compile_added_modules(model, reference: bool) -> int:
-    """torch.compile (in place) the parts a Flamingo adds, the same parts in both models: the resampler and the
-    gated cross-attention blocks."""
-    blocks = model.lang_encoder.gated_cross_attn_layers if reference else model.gated_cross_attn_layers
-    targets = [model.perceiver, *[b for b in blocks if b is not None]]
+def compile_reference_added_modules(ref) -> int:
+    """torch.compile (in place) the parts OpenFlamingo adds, the ones ``compile_own_modules`` compiles in ours:
+    the resampler and the gated cross-attention blocks."""
+    targets = [ref.perceiver, *[b for b in ref.lang_encoder.gated_cross_attn_layers if b is not None]]
     for module in targets:
         module.compile()
     return len(targets)
@@ -259,8 +258,10 @@ def run_config(name: str, shape: dict, args) -> dict:
         prec = args.precision
         train_flops = count_flops(lambda: train_step(ref, vision_x, ids, mask, labels, prec))
         if args.compile:
-            compile_added_modules(ours, reference=False)
-            compile_added_modules(ref, reference=True)
+            from training.modeling import compile_own_modules
+
+            compile_own_modules(ours)
+            compile_reference_added_modules(ref)
         train = time_interleaved(
             {
                 "ours": lambda: train_step(ours, vision_x, ids, mask, labels, prec),

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from collections.abc import Callable, Iterable
 
@@ -47,9 +46,9 @@ def gemm_peak_gflops(precision: str, size: int = 4096, repeats: int = 5, device:
     return 2 * size**3 / best / 1e9
 
 
-def count_flops(fn: Callable[[], object], frozen: Iterable[torch.nn.Module] = ()) -> int:
-    """FLOPs of ``fn()``. Under ``no_grad``, pass the models as ``frozen``: their parameters stop requiring grad
-    while counting (the counter's module hooks cannot attach to a leaf that requires grad without autograd)."""
+def _flop_counter(fn: Callable[[], object], frozen: Iterable[torch.nn.Module]):
+    """The ``FlopCounterMode`` that watched one call of ``fn``. The parameters of ``frozen`` stop requiring grad
+    while it counts (under ``no_grad`` the counter's module hooks cannot attach to a leaf that requires grad)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     params = [p for m in frozen for p in m.parameters() if p.requires_grad]
@@ -61,17 +60,26 @@ def count_flops(fn: Callable[[], object], frozen: Iterable[torch.nn.Module] = ()
     finally:
         for p in params:
             p.requires_grad_(True)
-    return int(counter.get_total_flops())
+    return counter
+
+
+def count_flops(fn: Callable[[], object], frozen: Iterable[torch.nn.Module] = ()) -> int:
+    """FLOPs of ``fn()``. Under ``no_grad``, pass the models as ``frozen``."""
+    return int(_flop_counter(fn, frozen).get_total_flops())
+
+
+def matmul_flops(fn: Callable[[], object], frozen: Iterable[torch.nn.Module] = ()) -> int:
+    """FLOPs of ``fn()`` in matrix multiplies alone (mm/addmm/bmm; attention kernels and convolutions excluded)."""
+    aten = torch.ops.aten
+    gemm = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+    counts = _flop_counter(fn, frozen).get_flop_counts()["Global"]
+    return int(sum(n for op, n in counts.items() if op in gemm))
 
 
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     if enabled:
         model.compile()
     return model
-
-
-def median_seconds(times: list[float]) -> float:
-    return statistics.median(times)
 
 
 def rate_rows(seconds: dict[str, float], flops: int, peak_gflops: float, ours: str = "ours") -> dict[str, dict]:
@@ -114,21 +122,3 @@ def gemm_share(fn: Callable[[], object], flops: int) -> dict[str, float]:
         "gemm_fraction": gemm / total,
         "gemm_gflops": flops / gemm / 1e9,
     }
-
-
-def matmul_flops(fn: Callable[[], object], frozen: Iterable[torch.nn.Module] = ()) -> int:
-    """FLOPs of ``fn()`` in matrix multiplies alone (mm/addmm/bmm; attention kernels and convolutions excluded)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    params = [p for m in frozen for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    aten = torch.ops.aten
-    gemm = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
-    return int(sum(n for op, n in counter.get_flop_counts()["Global"].items() if op in gemm))

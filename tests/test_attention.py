@@ -149,7 +149,7 @@ def test_gelu_form_selectable(approximate):
     assert_close(layer.mlp[1](x), expected)
 
 
-def _bf16_attention_case(masked: bool, causal: bool):
+def _bf16_attention_case(masked: bool):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 9, 16, requires_grad=True)
     k = torch.randn(2, 4, 13, 16, requires_grad=True)
@@ -169,7 +169,7 @@ def test_bf16_cpu_attention_takes_the_explicit_path_and_matches_fp32(monkeypatch
     bf16 SDPA."""
     import perceiver.attention as A
 
-    q, k, v, mask = _bf16_attention_case(masked, causal)
+    q, k, v, mask = _bf16_attention_case(masked)
     calls = []
     explicit = A._explicit_attention
     monkeypatch.setattr(A, "_explicit_attention", lambda *a: calls.append(1) or explicit(*a))
@@ -192,7 +192,7 @@ def test_bf16_cpu_attention_takes_the_explicit_path_and_matches_fp32(monkeypatch
     if masked:
         assert (out[1, :, 3] == 0).all()
     if causal:  # a query sees only keys up to its diagonal (aligned to the last key): later keys get no gradient
-        q2, k2, v2, _ = _bf16_attention_case(False, True)
+        q2, k2, v2, _ = _bf16_attention_case(False)
         out = A.attend(q2.bfloat16(), k2.bfloat16(), v2.bfloat16(), None, True, 0.0)
         (g,) = torch.autograd.grad(out[:, :, 0].float().sum(), [v2])
         assert (g[:, :, 13 - 9 + 1 :] == 0).all() and (g[:, :, : 13 - 9 + 1] != 0).any()

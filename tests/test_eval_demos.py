@@ -104,3 +104,15 @@ def test_rices_features_are_cached_per_model_and_data(tmp_path, tiny_model, monk
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+def test_rices_features_are_the_towers_pooled_embedding(tmp_path, tiny_model):
+    """OpenFlamingo's RICES: CLIP's encode_image (the tower's own pooled, projected embedding), L2-normalised."""
+    train = _dataset(tmp_path, 5)
+    feats = cached_image_features(tiny_model, train, None)
+    images = torch.stack([tiny_model.image_processor(demos.open_image(p)) for p in train.image_paths()])
+    want = torch.nn.functional.normalize(tiny_model.vision_encoder.pooled(images).float(), dim=-1)
+    assert feats.shape == want.shape
+    assert torch.allclose(feats, want, atol=1e-5)
+    mean_tokens = torch.nn.functional.normalize(tiny_model.vision_encoder(images).float().mean(1), dim=-1)
+    assert mean_tokens.shape != want.shape or not torch.allclose(feats, mean_tokens, atol=1e-3)

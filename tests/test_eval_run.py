@@ -3,11 +3,13 @@ command line (results JSON, predictions, plot, table), VQA, classification and t
 
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import pytest
 import torch
-from eval_helpers import tar_directory, write_flickr, write_image_folder, write_vqa
+from eval_helpers import tar_directory, write_flickr, write_image_folder, write_karpathy, write_vqa
 from vlm_helpers import (
     TINY_CLIP,
     build_model,
@@ -161,6 +163,56 @@ def test_vqa_evaluation(model, tmp_path):
         assert run["mean"]["accuracy"] == pytest.approx(want)
         assert all(len(p["raw"]) >= len(p["prediction"]) for p in preds)
     assert res["protocol"]["max_new_tokens"] == 5
+
+
+@pytest.mark.slow
+def test_command_line_vqa(model, tmp_path, capsys):
+    train = write_vqa(tmp_path / "train", "train2014", num_images=4, seed0=400)
+    test = write_vqa(tmp_path / "val", "val2014", num_images=2, seed0=500)
+    export = _export(model, tmp_path / "export")
+    out = tmp_path / "out"
+    argv = ["vqa", "--train-questions", str(train["questions"]), "--train-annotations", str(train["annotations"]),
+            "--train-images", str(train["images"]), "--test-questions", str(test["questions"]),
+            "--test-annotations", str(test["annotations"]), "--test-images", str(test["images"]),
+            "--model-dir", str(export), "--shots", "0", "2", "--trials", "1", "--modes", "random",
+            "--num-beams", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "vqa" and res["metric"] == "accuracy"
+    assert [r["shots"] for r in res["runs"]] == [0, 2] and res["protocol"]["max_new_tokens"] == 5
+    for run in res["runs"]:
+        preds = [json.loads(x) for x in (out / run["trials"][0]["predictions"]).read_text().splitlines()]
+        assert len(preds) == 4  # 2 images x 2 questions
+        want = 100 * sum(E.vqa_question_accuracy(p["prediction"], p["answers"]) for p in preds) / 4
+        assert run["mean"]["accuracy"] == pytest.approx(want)
+    assert "| random | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_command_line_karpathy_captioning(model, tmp_path):
+    data, images = write_karpathy(tmp_path / "coco", num_train=4, num_restval=2, num_test=3)
+    export = _export(model, tmp_path / "export")
+    out = tmp_path / "out"
+    argv = ["captioning", "--dataset", "karpathy", "--data", str(data), "--images", str(images),
+            "--model-dir", str(export), "--shots", "2", "--trials", "1", "--num-beams", "1",
+            "--max-new-tokens", "4", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["data"]["test"]["layout"] == "karpathy" and res["data"]["test"]["num_samples"] == 3
+    run = res["runs"][0]
+    preds = [json.loads(x) for x in (out / run["trials"][0]["predictions"]).read_text().splitlines()]
+    assert len(preds) == 3 and all(len(p["references"]) == 5 for p in preds)
+    assert all(len(p["demonstrations"]) == 2 for p in preds)
+
+
+def test_python_dash_m_vlm_eval():
+    """The module runs as a program: help lists the three tasks, and a bad call exits with an error, not a trace."""
+    ok = subprocess.run([sys.executable, "-m", "vlm.eval", "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0
+    assert all(task in ok.stdout for task in ("captioning", "vqa", "classification"))
+    bad = subprocess.run([sys.executable, "-m", "vlm.eval", "captioning", "--data", "x"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow

@@ -63,6 +63,22 @@ def test_smoke_default_config_loss_falls(cache, tmp_path, capsys):
         assert train[0]["loss"] == pytest.approx(train[0]["loss_pairs"] + train[0]["loss_documents"])
         evals = [r for r in records if r["kind"] == "eval"]
         assert len(evals) == 1 and math.isfinite(evals[0]["loss"]) and len(evals[0]["generations"]) == 2
+        # the image-ablated held-out loss: the same batches with every image replaced by the constant one
+        ablated = evals[0]["ablated_loss"]
+        assert math.isfinite(ablated) and ablated != evals[0]["loss"]
+        assert "the images are worth" in capsys.readouterr().out
+        trainer.model.eval()
+        num, den = 0.0, 0
+        loader = trainer.val_loader
+        loader.load_state_dict({**loader.state_dict(), "position": 0})
+        with torch.no_grad():
+            for _, batch in zip(range(config.eval.batches), loader):
+                out_ = trainer.model(torch.zeros_like(batch["vision_x"]), batch["input_ids"],
+                                     attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                     media_mask=batch["media_mask"])  # fmt: skip
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                num, den = num + float(out_.loss) * n, den + n
+        assert ablated == pytest.approx(num / den, rel=1e-5)
         assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000030"

@@ -411,12 +411,14 @@ class LoggingConfig(Section):
 
 
 class EvalConfig(Section):
-    """Periodic evaluation (held-out loss on ``batches`` batches and a few generations) and the final few-shot
+    """Periodic evaluation (held-out loss on ``batches`` batches, with ``ablated_loss`` also with every image
+    replaced by a constant one -- the gap is what the images are worth -- and a few generations) and the final few-shot
     demonstration: ``final_queries`` held-out images captioned after ``num_shots`` demonstrations, scored, and with
     ``final_ablation`` scored again with every image replaced by a constant one (what the text alone gives)."""
 
     every_steps: NonNegativeInt = 100
     batches: NonNegativeInt = 2
+    ablated_loss: StrictBool = True
     num_generations: NonNegativeInt = 2
     num_shots: NonNegativeInt = 2
     max_new_tokens: PositiveInt = 32

@@ -44,9 +44,17 @@ def target_tokens(labels: torch.Tensor) -> int:
 
 @torch.no_grad()
 def held_out_loss(
-    model: torch.nn.Module, loader: Any, num_batches: int, device: torch.device, dtype: torch.dtype
+    model: torch.nn.Module,
+    loader: Any,
+    num_batches: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ablate_images: bool = False,
 ) -> Optional[float]:
-    """Token-weighted mean loss over ``num_batches`` batches per rank, from the loader's start, summed over ranks."""
+    """Token-weighted mean loss over ``num_batches`` batches per rank, from the loader's start, summed over ranks.
+
+    ``ablate_images``: every image replaced by the constant one (zeros after normalisation, as the few-shot
+    control), so the difference to the real loss is what the images are worth to the model, in nats per token."""
     if loader is None or num_batches == 0:
         return None
     loader.load_state_dict({**loader.state_dict(), "position": 0})
@@ -54,8 +62,9 @@ def held_out_loss(
     it = iter(loader)
     for _ in range(num_batches):
         batch = move_batch(next(it), device, dtype)
+        vision_x = torch.zeros_like(batch["vision_x"]) if ablate_images else batch["vision_x"]
         out = model(
-            batch["vision_x"],
+            vision_x,
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],

@@ -154,6 +154,9 @@ class MetricsLogger:
         if self.tb is not None:
             if result.get("loss") is not None:
                 self.tb.add_scalar("eval/loss", result["loss"], step)
+            if result.get("ablated_loss") is not None:
+                self.tb.add_scalar("eval/ablated_loss", result["ablated_loss"], step)
+                self.tb.add_scalar("eval/image_gain", result["ablated_loss"] - result["loss"], step)
             if result.get("generations"):
                 text = "\n\n".join(
                     f"**true:** {g['true']}  \n**generated:** {g['generated']}" for g in result["generations"]

@@ -450,6 +450,11 @@ class Trainer:
         self.engine.eval()
         try:
             loss = held_out_loss(self.model, self.val_loader, cfg.batches, self.device, self.dtype)
+            ablated = None
+            if cfg.ablated_loss and loss is not None:
+                ablated = held_out_loss(
+                    self.model, self.val_loader, cfg.batches, self.device, self.dtype, ablate_images=True
+                )
             generations: list[FewShotSample] = []
             if cfg.num_generations and self.demo_loader is not None:
                 demos, queries = demo_examples(self.demo_loader, self.tokenizer, cfg.num_shots, cfg.num_generations)
@@ -465,11 +470,18 @@ class Trainer:
         finally:
             self.engine.train()
             restore_rng(rng)
-        result = {"loss": loss, "generations": [{"true": g.true, "generated": g.generated} for g in generations]}
+        result = {
+            "loss": loss,
+            "ablated_loss": ablated,
+            "generations": [{"true": g.true, "generated": g.generated} for g in generations],
+        }
         self.metrics.log_eval(self.step, result)
-        lines = [
-            f"eval @ step {self.step}: held-out loss {loss:.4f}" if loss is not None else f"eval @ step {self.step}"
-        ]
+        head = f"eval @ step {self.step}"
+        if loss is not None:
+            head += f": held-out loss {loss:.4f}"
+        if ablated is not None:
+            head += f", with constant images {ablated:.4f} (the images are worth {ablated - loss:+.4f} nats/token)"
+        lines = [head]
         lines += [f"  true: {g.true}\n  gen:  {g.generated}" for g in generations]
         self.metrics.write("\n".join(lines))
         return result

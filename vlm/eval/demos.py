@@ -88,6 +88,20 @@ class _ImageFiles(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i]))
 
 
+FEATURES_VERSION = "pooled-v2"  # part of the cache key: features cached by an older definition are not reused
+
+
+@torch.no_grad()
+def pooled_features(model, images: Tensor) -> Tensor:
+    """(N, D) pooled image features of a batch: the tower's own pooled embedding where it has one (CLIP's
+    ``encode_image``, as OpenFlamingo's RICES uses; a timm trunk's pooled head), else its tokens (N, v, D)
+    averaged over v."""
+    encoder = model.vision_encoder
+    if callable(getattr(encoder, "pooled", None)):
+        return encoder.pooled(images).float()
+    return encoder(images).float().mean(dim=1)
+
+
 @torch.no_grad()
 def image_features(
     model,
@@ -97,16 +111,14 @@ def image_features(
     desc: str = "RICES features",
     progress: bool = True,
 ) -> Tensor:
-    """Pooled, L2-normalised vision features (N, D) of image files: ``model.vision_encoder`` tokens
-    (N, v, D) averaged over v (valid for any tower), as float32 on the CPU."""
+    """Pooled, L2-normalised vision features (N, D) of image files (:func:`pooled_features`), float32 on the CPU."""
     param = next(model.vision_encoder.parameters())
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths, model.image_processor), batch_size=batch_size, num_workers=num_workers
     )
     feats = []
     for images in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        tokens = model.vision_encoder(images.to(param.device, param.dtype))  # (N, v, D)
-        pooled = tokens.float().mean(dim=1)  # (N, D)
+        pooled = pooled_features(model, images.to(param.device, param.dtype))
         feats.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
     return torch.cat(feats) if feats else torch.zeros(0, 0)
 
@@ -126,7 +138,8 @@ def cached_image_features(
     path = None
     if cache_dir is not None:
         fingerprint = fingerprint or vision_fingerprint(model)
-        key = hashlib.sha256(f"{fingerprint}|{dataset.fingerprint()}|{dataset.root}".encode()).hexdigest()[:32]
+        text = f"{FEATURES_VERSION}|{fingerprint}|{dataset.fingerprint()}|{dataset.root}"
+        key = hashlib.sha256(text.encode()).hexdigest()[:32]
         path = Path(cache_dir) / "rices" / f"{dataset.layout}-{dataset.split}-{key}.pt"
         if path.is_file():
             cached = torch.load(path, map_location="cpu", weights_only=True)

@@ -194,9 +194,9 @@ REFERENCE = "hf"  # FLOPs of a step are counted on it
 
 def run_peers(args) -> dict:
     impls = IMPLS
-    peak = gemm_peak_gflops(args.precision)
+    peak = gemm_peak_gflops(args.precision, size=args.peak_size)
     print(
-        f"measured {args.precision} GEMM peak (4096^3 matrix multiply): {peak:.0f} GFLOP/s, {torch.get_num_threads()} threads"
+        f"measured {args.precision} GEMM peak ({args.peak_size}^3 matrix multiply): {peak:.0f} GFLOP/s, {torch.get_num_threads()} threads"
     )
     results = {}
     for name in args.configs:
@@ -405,6 +405,12 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast, for every implementation")
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=4096,
+        help="side of the square matrix multiply that measures the GEMM peak (smaller: a quicker, lower peak)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every implementation (in place)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--profile", action="store_true", help="profile a step: time in matrix multiplies vs the rest")

@@ -167,6 +167,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast, for both models")
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=4096,
+        help="side of the square matrix multiply that measures the GEMM peak (smaller: a quicker, lower peak)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the resampler and cross-attention of both")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/vlm[_bf16][_compiled].json")
     args = p.parse_args()
@@ -176,8 +182,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    peak = gemm_peak_gflops(args.precision)
-    print(f"measured {args.precision} GEMM peak (4096^3 matrix multiply): {peak:.0f} GFLOP/s")
+    peak = gemm_peak_gflops(args.precision, size=args.peak_size)
+    print(f"measured {args.precision} GEMM peak ({args.peak_size}^3 matrix multiply): {peak:.0f} GFLOP/s")
     results = {
         "threads": torch.get_num_threads(),
         "precision": args.precision,

@@ -45,7 +45,7 @@ def test_rates_and_ratios():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_encoder_benchmark_runs(tmp_path, precision):
     cmd = [sys.executable, "benchmarks/bench_encoder.py", "--part", "peers", "--configs", "tiny", "--repeats", "1",
-           "--precision", precision, "--no-memory", "--profile", "--out-dir", str(tmp_path)]  # fmt: skip
+           "--precision", precision, "--no-memory", "--profile", "--peak-size", "256", "--out-dir", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     suffix = "" if precision == "fp32" else "_bf16"
@@ -61,7 +61,7 @@ def test_encoder_benchmark_runs(tmp_path, precision):
 def test_vlm_benchmark_runs_in_bf16(tmp_path):
     out = tmp_path / "vlm.json"
     cmd = [sys.executable, "benchmarks/bench_vlm.py", "--configs", "tiny", "--repeats", "1", "--new-tokens", "4",
-           "--precision", "bf16", "--image-size", "32", "--out", str(out)]  # fmt: skip
+           "--precision", "bf16", "--image-size", "32", "--peak-size", "256", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""The README's Python examples run as written (offline ones; examples that need downloaded weights are
+"""The READMEs' Python examples run as written (offline ones; examples that need downloaded weights are
 recognised by a hub id in quotes and are checked only for syntax), and their results are checked by value: the
 random inputs an example draws are recorded, and its outputs are compared with what the same objects compute."""
 
@@ -10,6 +10,8 @@ import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+DATA_README = README.parent / "data_pipelines" / "README.md"
+DATA_BLOCKS = re.findall(r"```python\n(.*?)```", DATA_README.read_text(), flags=re.S)
 NEEDS_DOWNLOAD = re.compile(r"\"(deepmind|anas-awadalla|openai)[/\"]")
 
 
@@ -79,3 +81,43 @@ def test_readme_example(index, monkeypatch):
             vision_x = torch.zeros(1, 1, 1, 3, 224, 224)
             next_token = model(vision_x, ids).logits[0, -1].argmax()  # gates at 0: the pretrained LM's own answer
             assert tokenizer.decode(next_token) == " Paris"
+
+
+def test_data_pipelines_readme_example(tmp_path, monkeypatch):
+    """data_pipelines/README.md's example runs as written, in an empty directory (where it generates its data), and
+    its objects hold what it says: batches of the generated pairs in the Flamingo format, a saved position that a
+    new loader continues exactly (in-process, after two workers), and a mix of both sources."""
+    import dataclasses
+
+    from data_pipelines import ShardLoader, pairs_loader
+
+    (code,) = DATA_BLOCKS
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "data_pipelines/README.md example", "exec"), ns)
+    tokenizer, loader, batch = ns["tokenizer"], ns["loader"], ns["batch"]
+    assert tuple(batch["vision_x"].shape) == (32, 1, 1, 3, 32, 32) and batch["media_mask"].all()
+    assert loader.stats == {"samples": 96, "batches": 3, "skipped": 0}
+    assert ns["checkpoint"]["data"]["position"] == 96 and ns["resumed"].position == 96
+
+    # the same stream read uninterrupted: its third batch is the example's last, its fourth the resumed one's first
+    fresh = pairs_loader(ns["data"].pairs, tokenizer, ns["transform"], return_metadata=True, **ns["options"])
+    batches = [b for _, b in zip(range(4), fresh)]
+    resumed = next(iter(ns["resumed"]))
+    for key in ("vision_x", "input_ids", "attention_mask", "labels"):
+        assert torch.equal(batches[2][key], batch[key]) and torch.equal(batches[3][key], resumed[key]), key
+    assert not torch.equal(batches[3]["input_ids"], batch["input_ids"])
+    # each row is <image>caption<|endofchunk|></s> of the sample it names, the caption in the loss
+    for row in range(4):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        caption = batches[2]["metadata"][row]["json"]["caption"]
+        assert tokenizer.decode(ids) == f"<image> {caption}<|endofchunk|></s>"
+        labels = batch["labels"][row]
+        assert tokenizer.decode(labels[labels != -100]).strip().startswith(caption)
+
+    mixed = ns["mixed"]
+    assert mixed.num_samples == {"shapes": 2000, "more-shapes": 500}
+    first = next(iter(ShardLoader(dataclasses.replace(mixed.config, return_metadata=True), tokenizer, ns["transform"])))
+    sources = [m["source"] for m in first["metadata"]]
+    assert len(sources) == 32 and set(sources) == {"shapes", "more-shapes"}
+    assert sources.count("shapes") > sources.count("more-shapes")  # weights 2 : 1

@@ -507,3 +507,27 @@ def test_few_shot_prompts_longer_than_the_lm_stop_before_training(tiny_cache, tm
     assert message.startswith("eval.num_shots: 15 demonstrations make a ") and "eval.max_new_tokens=480" in message
     assert "the language model has 512" in message and message.endswith("got eval.num_shots=15")
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_num_shots_must_leave_queries_in_real_held_out_shards(tiny_cache, tmp_path):
+    """Real held-out shards (not synthetic): their sample count is known only once the loader has read the shard
+    index, so the trainer checks eval.num_shots against it when it is built, before a checkpoint or a metric."""
+    from data_helpers import write_pair_shards
+    from train_helpers import small_config
+
+    from training.trainer import Trainer
+
+    num = 4
+    write_pair_shards(tmp_path / "val", count=num, per_shard=1, prefix="val")
+    shards = str(tmp_path / "val" / "val-{000000..000003}.tar")
+    out = tmp_path / "run"
+    extra = [f"data.val.shards={shards}", f"eval.num_shots={num}", "eval.final_few_shot=true"]
+    with pytest.raises(ConfigError) as err:
+        Trainer(small_config(tiny_cache, out, *extra))
+    assert str(err.value) == (
+        f"eval.num_shots: expected < the {num} samples of data.val.shards={shards!r} (the demonstrations and the "
+        f"queries are drawn from them; more would repeat them), got {num}"
+    )
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    # nothing but the locks of the output, checkpoint and export directories (training.lock)
+    assert sorted(p.name for p in out.iterdir()) == [".checkpoints.lock", ".export.lock", ".lock"]

@@ -33,7 +33,7 @@ from training.checkpoint import (
 )
 from training.config import ConfigError
 from training.distributed import DistContext
-from training.lock import OutputDirBusy, OutputDirLock
+from training.lock import OutputDirBusy, OutputDirLock, sibling_lock_path
 from training.metrics import read_records
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -275,10 +275,21 @@ def test_resume_is_strict_about_the_model_weights(cache, tmp_path):
     assert result.step == 2
 
 
-def test_crafted_files_in_a_resumed_checkpoint_run_no_code(cache, tmp_path):
+@pytest.mark.parametrize(
+    "deepspeed, crafted_file",
+    [
+        ("configs/deepspeed/zero0.json", MODEL_FILE),
+        ("configs/deepspeed/zero2.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),  # the partitioned optimizer
+    ],
+    ids=["zero0-model-states", "zero2-optim-states"],
+)
+def test_crafted_files_in_a_resumed_checkpoint_run_no_code(cache, tmp_path, deepspeed, crafted_file):
+    """Under ZeRO-2 DeepSpeed also reads each rank's optimizer partition (zero_pp_rank_<r>_..._optim_states.pt)
+    through its checkpoint engine: that file, crafted, runs no code either, and the error names it."""
     import shutil
 
-    run_training(small_config(cache, tmp_path / "run", "run.max_steps=1"))
+    ds = f"run.deepspeed={deepspeed}"
+    run_training(small_config(cache, tmp_path / "run", "run.max_steps=1", ds))
     good = tmp_path / "run" / "checkpoints" / "step_00000001"
     marker = tmp_path / "pwned"
 
@@ -290,20 +301,21 @@ def test_crafted_files_in_a_resumed_checkpoint_run_no_code(cache, tmp_path):
     with open(old / "trainer_state_rank0.pt", "wb") as f:
         pickle.dump({"step": RunsCode(marker)}, f)
     with pytest.raises(CheckpointError, match="older version"):
-        run_training(small_config(cache, tmp_path / "b", "run.max_steps=2", f"checkpoint.resume={old}"))
+        run_training(small_config(cache, tmp_path / "b", "run.max_steps=2", ds, f"checkpoint.resume={old}"))
 
     # 2. a DeepSpeed file replaced by a crafted pickle, with a manifest that matches it
     crafted = tmp_path / "crafted" / good.name
     shutil.copytree(good, crafted)
-    torch.save({"module": RunsCode(marker)}, crafted / MODEL_FILE)
+    target = crafted / crafted_file
+    assert target.is_file()  # the file this stage writes (and reads back)
+    key = "module" if crafted_file == MODEL_FILE else "optimizer_state_dict"
+    torch.save({key: RunsCode(marker)}, target)
     manifest = json.loads((crafted / MANIFEST).read_text())
-    manifest["files"][MODEL_FILE] = {
-        "size": (crafted / MODEL_FILE).stat().st_size,
-        "sha256": sha256_of(crafted / MODEL_FILE),
-    }
+    assert crafted_file in manifest["files"]
+    manifest["files"][crafted_file] = {"size": target.stat().st_size, "sha256": sha256_of(target)}
     (crafted / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=rf"cannot load {crafted / MODEL_FILE}: UnpicklingError"):
-        run_training(small_config(cache, tmp_path / "c", "run.max_steps=2", f"checkpoint.resume={crafted}"))
+    with pytest.raises(CheckpointError, match=rf"cannot load {target}: UnpicklingError"):
+        run_training(small_config(cache, tmp_path / "c", "run.max_steps=2", ds, f"checkpoint.resume={crafted}"))
     assert not marker.exists()
 
 
@@ -352,6 +364,43 @@ def test_a_second_run_on_the_same_output_dir_is_refused(cache, tmp_path):
     finally:
         first.close()
     second = Trainer(small_config(cache, tmp_path, "run.max_steps=1"))  # released by close()
+    second.close()
+
+
+def test_a_second_run_sharing_the_checkpoint_or_export_dir_is_refused(cache, tmp_path):
+    """Different output directories, one checkpoint (or export) directory: the second run is refused, naming the
+    directory and the holder, whether both set checkpoint.dir or one points it at the other's default
+    <output_dir>/checkpoints (another spelling of the path included)."""
+    from training.trainer import Trainer
+
+    shared = tmp_path / "shared-checkpoints"
+    first = Trainer(small_config(cache, tmp_path / "a", "run.max_steps=1", f"checkpoint.dir={shared}"))
+    default = Trainer(small_config(cache, tmp_path / "b", "run.max_steps=1"))
+    try:
+        refused = [
+            ("c", f"checkpoint.dir={tmp_path / 'x' / '..' / shared.name}", "checkpoint.dir", shared),
+            ("d", f"checkpoint.dir={tmp_path / 'b' / 'checkpoints'}", "checkpoint.dir", tmp_path / "b" / "checkpoints"),
+            (
+                "e",
+                f"checkpoint.export_dir={tmp_path / 'b' / 'export'}",
+                "checkpoint.export_dir",
+                tmp_path / "b" / "export",
+            ),
+        ]
+        for name, override, key, directory in refused:
+            with pytest.raises(OutputDirBusy) as err:
+                Trainer(small_config(cache, tmp_path / name, "run.max_steps=1", override))
+            message = str(err.value)
+            assert message.startswith(f"{key}: ") and f"is in use by another run (pid {os.getpid()} on host" in message
+            assert str(directory) in message and f"lock {sibling_lock_path(directory)})" in message
+            assert message.endswith(f"or use another {key}")
+            # refused before writing anything, and its own output directory's lock released
+            assert not (tmp_path / name / "metrics.jsonl").exists()
+            OutputDirLock(tmp_path / name).acquire().release()
+    finally:
+        first.close()
+        default.close()
+    second = Trainer(small_config(cache, tmp_path / "c", "run.max_steps=1", f"checkpoint.dir={shared}"))  # released
     second.close()
 
 

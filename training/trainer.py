@@ -62,7 +62,7 @@ from .evaluation import (
     move_batch,
     score_scene_captions,
 )
-from .lock import lock_output_dir
+from .lock import lock_run_dirs
 from .metrics import MetricsLogger, plot_loss_curve
 from .modeling import (
     build_model,
@@ -139,9 +139,9 @@ class Trainer:
         self._threads_before = torch.get_num_threads()
         self.ctx: DistContext = setup_distributed(config.run)
         _quiet_libraries()  # after DeepSpeed's import, which sets its logger's level
-        # One run per output directory (training.lock), taken before anything is written there; released by
-        # close(), by a failure while building, or when the process ends.
-        self._output_lock = lock_output_dir(Path(config.run.output_dir), self.ctx)
+        # One run per output, checkpoint and export directory (training.lock), taken before anything is written
+        # there; released by close(), by a failure while building, or when the process ends.
+        self._output_lock = lock_run_dirs(config, self.ctx)
         try:
             self._build(config, ds_json)
         except BaseException:

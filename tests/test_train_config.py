@@ -226,7 +226,7 @@ def test_optimizer_gets_only_trainable_params_and_decay_only_on_cross_attention(
     cfg = ModelConfig(freeze_vision_encoder=frozen, freeze_lm=frozen, gate_init=None)
     bases, _ = resolve_bases(cfg, tiny_cache)
     model, _, _ = build_model(cfg, bases, seed=0)
-    groups = parameter_groups(model, weight_decay=0.1)
+    groups = parameter_groups(model, weight_decay=0.1, lr=1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     undecayed = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}

@@ -21,6 +21,7 @@ quick smoke runs use.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
@@ -161,7 +162,18 @@ class ModelConfig(_FlamingoFields):
     does). The default 0.1 starts them slightly open: on the pretrained bases, 250 steps from gates at 0 left the
     held-out attribute accuracy at the image-ablated control's (15.3% both), from 0.1 they read the picture.
     From-scratch bases need wider open gates (tiny-random: 0.5): with a random LM and vision tower, gates at 0 get
-    no consistent gradient and the visual pathway never starts to learn.
+    no consistent gradient and the visual pathway never starts to learn. match_lm_scale: size each cross-attention
+    block's outputs to the frozen LM's hidden states at its depth (``training.modeling.match_lm_scale``: the output
+    projections start, and learn, ``s`` times larger, ``s`` the LM's hidden-state RMS there; the model itself is a
+    plain Flamingo). Without it a new block writes about 0.1 into a residual stream of RMS 4 to 28 (SmolLM2-135M)
+    and the images stay unread for hundreds of steps: on Flickr8k, 50 steps gave a held-out loss 0.000 nats/token
+    better than with constant images without it, 0.030 with it. latents_init_std: standard deviation of the
+    resampler's learned latents at init (null keeps the model's 1.0, as OpenFlamingo). The latents are the residual
+    stream the images are added to: at 1.0 only 2.5% of the resampled latents' variance depends on the image (on
+    EfficientNet-Lite0 features of Flickr8k photos), at 0.1 59%. Together with match_lm_scale, 100 steps on
+    Flickr8k made the held-out loss 0.10 nats/token better than with constant images (without either: 0.000).
+    Both are off by default (configs/flickr8k.yaml turns them on): on the generated scenes the default job with
+    both read fewer attributes after 300 steps (20.1% against 33.0% without, ablated controls 5.8% and 11.6%).
     """
 
     tiny: Optional[TinyBasesConfig] = None
@@ -169,11 +181,17 @@ class ModelConfig(_FlamingoFields):
     freeze_lm: StrictBool = True
     activation_checkpointing: StrictBool = False
     gate_init: Optional[float] = 0.1
+    match_lm_scale: StrictBool = False
+    latents_init_std: Optional[float] = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.gate_init is not None and not -1 < self.gate_init < 1:
             raise expected("gate_init", "null or a number in (-1, 1)", self.gate_init)
+        if self.latents_init_std is not None and not (
+            math.isfinite(self.latents_init_std) and self.latents_init_std > 0
+        ):
+            raise expected("latents_init_std", "null or a positive number", self.latents_init_std)
         if self.tiny is not None:
             for name in BASE_NAMES:
                 if getattr(self, name) is not None:

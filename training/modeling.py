@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from vlm.config import FlamingoConfig
 
 from .config import ModelConfig
+from .optim import LR_SCALE_ATTR
 from .tiny_bases import TinyBases, ensure_tiny_bases
 
 
@@ -75,9 +76,75 @@ def build_model(cfg: ModelConfig, flamingo: FlamingoConfig, seed: int):
             for block in model.gated_cross_attn_layers:
                 block.attn_gate.fill_(cfg.gate_init)
                 block.mlp_gate.fill_(cfg.gate_init)
+    if cfg.latents_init_std is not None:
+        with torch.no_grad():
+            model.perceiver.latents.normal_(0.0, cfg.latents_init_std)
+    if cfg.match_lm_scale:
+        match_lm_scale(model, tokenizer)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     return model, image_processor, tokenizer
+
+
+# A few ordinary sentences: the hidden-state size of a language model on ordinary text.
+CALIBRATION_TEXT = (
+    "A man in a red shirt is riding a bicycle down a busy city street. Two dogs are playing in the snow near "
+    "a wooden fence. The children laughed as they ran along the beach at sunset."
+)
+
+
+def output_projections(block: nn.Module) -> list[nn.Parameter]:
+    """The weights that write a gated cross-attention block's outputs into the LM's residual stream: the
+    attention's output projection and the MLP's last layer (both without bias)."""
+    return [block.attention.o_proj.weight, block.mlp[2].weight]
+
+
+@torch.no_grad()
+def lm_hidden_scales(model: nn.Module, tokenizer: Any, text: str = CALIBRATION_TEXT) -> list[float]:
+    """For each gated cross-attention block, the median over tokens of the RMS of the LM hidden states entering
+    it, on ``text`` (without images). The first token is left out: language models park outlier activations
+    there (SmolLM2-135M: about 190 there, 4 to 28 elsewhere)."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.perceiver.latents.device)
+    if ids.shape[1] < 2:
+        raise ValueError(f"the calibration text gives {ids.shape[1]} token(s); at least 2 are needed")
+    scales: dict[int, float] = {}
+    hooks = []
+    for i, block in enumerate(model.gated_cross_attn_layers):
+
+        def record(module, args, output, i=i):
+            rms = args[0][0, 1:].float().pow(2).mean(-1).sqrt()
+            scales[i] = float(rms.median())
+
+        hooks.append(block.register_forward_hook(record))
+    was_training = model.training
+    try:
+        model.eval()
+        model(vision_x=None, lang_x=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [scales[i] for i in range(len(hooks))]
+
+
+def match_lm_scale(model: nn.Module, tokenizer: Any) -> list[float]:
+    """Size each cross-attention block's writes to the LM's residual stream at that depth.
+
+    A frozen LM's hidden states grow with depth (SmolLM2-135M: median token RMS 4 at its first cross-attention
+    layer, 28 at its last), while a freshly initialised block writes about 0.1: its image signal is lost in the
+    residual stream, and Adam at a learning rate of 1e-3 needs thousands of steps to grow it. Multiplying the
+    block's outputs by ``s`` (the hidden-state RMS there, :func:`lm_hidden_scales`) fixes that; with Adam it is
+    the same as multiplying the initial output-projection weights by ``s`` and their learning rate by ``s`` (and
+    dividing their weight decay by ``s``), which is what is done here, so the model itself is unchanged (its
+    export, parity and loading are those of a plain Flamingo). Returns the scales.
+    """
+    scales = lm_hidden_scales(model, tokenizer)
+    with torch.no_grad():
+        for block, s in zip(model.gated_cross_attn_layers, scales):
+            for p in output_projections(block):
+                p.mul_(s)
+                setattr(p, LR_SCALE_ATTR, s)
+    return scales
 
 
 def _checkpointed(module: nn.Module, forward: Callable) -> Callable:

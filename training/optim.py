@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import OptimConfig
 
+LR_SCALE_ATTR = "lr_scale"  # as training.modeling sets it
 DECAY_MARKER = "gated_cross_attn"  # OpenFlamingo: weight decay only on parameters whose name contains it
 
 
@@ -35,23 +36,43 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, split into a decayed group (gated cross-attention) and an undecayed one."""
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict]:
+    """Trainable parameters, split into a decayed group (gated cross-attention) and an undecayed one.
+
+    A parameter with an ``lr_scale`` attribute (``training.modeling.match_lm_scale``) goes into a group of its
+    own with ``lr * lr_scale`` and ``weight_decay / lr_scale``: with Adam, training ``s * W`` this way is training
+    ``W`` behind a fixed multiplier ``s``, decoupled weight decay included.
+    """
     decay, no_decay = [], []
+    scaled: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if DECAY_MARKER in name else no_decay).append(p)
-    if not decay and not no_decay:
+        decayed = DECAY_MARKER in name
+        scale = getattr(p, LR_SCALE_ATTR, None)
+        if scale is not None:
+            scaled.setdefault((decayed, float(scale)), []).append(p)
+        else:
+            (decay if decayed else no_decay).append(p)
+    if not decay and not no_decay and not scaled:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
-    groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "decay"}]
+    groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"})
+    for (decayed, scale), params in scaled.items():
+        groups.append(
+            {
+                "params": params,
+                "weight_decay": weight_decay / scale if decayed else 0.0,
+                "lr": lr * scale,
+                "name": f"{'decay' if decayed else 'no_decay'}_x{scale:.3g}",
+            }
+        )
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
     return SkippableAdamW(
-        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        parameter_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
 
 

@@ -107,18 +107,25 @@ def yaml_equal(path, config) -> bool:
     return yaml.safe_load(path.read_text()) == config.to_dict()
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["all-trainable", "frozen-backbones"])
-def test_stop_and_resume_reproduces_the_uninterrupted_run(cache, tmp_path, frozen):
+@pytest.mark.parametrize(
+    "frozen, lm_scale", [(False, False), (True, False), (True, True)], ids=["all-trainable", "frozen", "lm-scale"]
+)
+def test_stop_and_resume_reproduces_the_uninterrupted_run(cache, tmp_path, frozen, lm_scale):
     """6 steps in one go == 3 steps, stop (checkpoint), new trainer resumes from it, 3 more: identical losses.
-    With frozen backbones (as the real configs) the checkpoint holds only the trainable weights."""
+    With frozen backbones (as the real configs) the checkpoint holds only the trainable weights. With
+    model.match_lm_scale (configs/flickr8k.yaml) the resumed run rebuilds the same scaled parameter groups."""
     steps = ["run.max_steps=6", "checkpoint.every_steps=2"]
     if frozen:
-        steps += ["model.freeze_vision_encoder=true", "model.freeze_lm=true", "model.gate_init=null"]
+        steps += ["model.freeze_vision_encoder=true", "model.freeze_lm=true"]
+        steps += ["model.match_lm_scale=true", "model.latents_init_std=0.1"] if lm_scale else ["model.gate_init=null"]
     reference, _ = run_training(small_config(cache, tmp_path / "a", *steps))
     first, _ = run_training(small_config(cache, tmp_path / "b", *steps, "checkpoint.stop_at_step=3"))
     assert first.stopped_early and first.step == 3 and first.checkpoint.name == "step_00000003"
     resumed, trainer = run_training(small_config(cache, tmp_path / "b", *steps))
     assert trainer.resumed_from.name == "step_00000003" and resumed.start_step == 3
+    assert not trainer._resume_notes  # the same config: nothing differs from the checkpoint's run
+    if lm_scale:
+        assert any("_x" in g["name"] for g in trainer.optimizer.param_groups)
     expected = [reference.losses[s] for s in range(1, 7)]
     got = [first.losses[s] for s in range(1, 4)] + [resumed.losses[s] for s in range(4, 7)]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-6)

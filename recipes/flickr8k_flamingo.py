@@ -214,7 +214,7 @@ def training_summary(train_dir: Path) -> dict[str, Any]:
     config = yaml.safe_load((train_dir / "config.yaml").read_text())
     records = read_records(train_dir / "metrics.jsonl")
     train = [r for r in records if r.get("kind") == "train"]
-    evals = [(r["step"], r["loss"], r.get("ablated_loss")) for r in records
+    evals = [(r["step"], r["loss"], r.get("ablated_loss"), r.get("shuffled_loss")) for r in records
              if r.get("kind") == "eval" and r.get("loss") is not None]  # fmt: skip
     data = [r for r in records if r.get("kind") == "data"]
     if not train:
@@ -239,7 +239,7 @@ def training_summary(train_dir: Path) -> dict[str, Any]:
         "final_train_loss": mean_of("loss", train[-k:]),
         "final_train_loss_per_stream": {s: mean_of(f"loss_{s}", train[-k:]) for s in streams},
         "loss_mean_over_steps": k,
-        "val_losses": [{"step": s, "loss": v, "ablated_loss": a} for s, v, a in evals],
+        "val_losses": [{"step": s, "loss": v, "ablated_loss": a, "shuffled_loss": h} for s, v, a, h in evals],
         "final_val_loss": evals[-1][1] if evals else None,
         "final_lr": train[-1]["lr"],
         "precision": config["run"]["precision"],

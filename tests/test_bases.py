@@ -167,3 +167,31 @@ def test_prepared_once_then_reused(tmp_path):
     assert not bases.is_prepared("efficientnet-lite0", root=tmp_path)
     bases.prepare_vision_base("efficientnet-lite0", root=tmp_path, show_progress=False)
     assert prepared.checkpoint.stat().st_mtime_ns != stamp and (prepared.directory / bases.MARKER).is_file()
+
+
+def test_two_processes_preparing_at_once_prepare_once(tmp_path):
+    """Two jobs started at once on a fresh cache: the second waits for the first and reuses its preparation (before
+    the lock, both prepared and the second's rename failed with 'Directory not empty')."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vlm import bases; "
+        "p = bases.prepare_vision_base('efficientnet-lite0', root=sys.argv[1]); print('ready', p.checkpoint)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all("ready" in out for out in outputs), outputs
+    # exactly one of them did the work (its progress bar); the other waited for it or found it done
+    assert sum("preparing efficientnet-lite0" in out for out in outputs) == 1, outputs
+    assert bases.is_prepared("efficientnet-lite0", root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["efficientnet-lite0"]

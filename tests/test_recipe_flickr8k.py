@@ -87,6 +87,8 @@ def test_recipe_end_to_end_on_tiny_flickr(tmp_path):
     assert train["samples_seen"] == 4 * (4 + 2)
     assert all(math.isfinite(train[k]) and train[k] > 0 for k in ("final_train_loss", "final_val_loss"))
     assert set(train["final_train_loss_per_stream"]) == {"pairs", "documents"}
+    assert [v["step"] for v in train["val_losses"]] == [2, 4]
+    assert all(math.isfinite(v[k]) for v in train["val_losses"] for k in ("loss", "ablated_loss", "shuffled_loss"))
     assert train["precision"] in ("fp32", "bf16") and train["launcher"] in ("deepspeed", "python")
     assert train["wall_seconds"] > 0 and train["cpu_seconds"] > 0
     launcher = {"deepspeed": "deepspeed", "python": sys.executable}[train["launcher"]]

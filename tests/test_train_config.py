@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections.abc
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -531,3 +532,57 @@ def test_num_shots_must_leave_queries_in_real_held_out_shards(tiny_cache, tmp_pa
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
     # nothing but the locks of the output, checkpoint and export directories (training.lock)
     assert sorted(p.name for p in out.iterdir()) == [".checkpoints.lock", ".export.lock", ".lock"]
+
+
+def test_shuffled_loss_needs_two_samples_a_batch():
+    message = _error("data.val.batch_size=1")
+    assert message.startswith("data.val.batch_size: expected >= 2 with eval.shuffled_loss") and message.endswith(
+        "got 1"
+    )
+    load_config(TINY_RANDOM, ["data.val.batch_size=1", "eval.shuffled_loss=false"])
+    load_config(TINY_RANDOM, ["data.val.batch_size=1", "eval.batches=0"])  # no held-out loss, no control
+
+
+def test_shuffled_images_control_of_the_held_out_loss():
+    """Each sample gets another sample's images; a last batch of one takes an image of the batch before; a first
+    batch of one cannot be shuffled."""
+    from training.evaluation import held_out_loss
+
+    class Loader:
+        def __init__(self, sizes):
+            self.batches = [
+                {
+                    "vision_x": torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1, 1, 1) + 10 * i,
+                    "input_ids": torch.zeros(n, 3, dtype=torch.long),
+                    "attention_mask": torch.ones(n, 3, dtype=torch.long),
+                    "labels": torch.ones(n, 3, dtype=torch.long),
+                    "media_mask": torch.zeros(n, 3, dtype=torch.bool),
+                }
+                for i, n in enumerate(sizes)
+            ]
+
+        def state_dict(self):
+            return {"position": 0}
+
+        def load_state_dict(self, state):
+            pass
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, vision_x, input_ids, **kwargs):
+            seen.append(vision_x.flatten().tolist())
+            return types.SimpleNamespace(loss=vision_x.float().mean())
+
+    held_out_loss(Model(), Loader([3, 1]), 2, torch.device("cpu"), torch.float32, shuffle_images=True)
+    assert seen == [[2.0, 0.0, 1.0], [0.0]]  # rolled by one; the single sample takes the batch before's first
+    seen.clear()
+    held_out_loss(Model(), Loader([3, 1]), 2, torch.device("cpu"), torch.float32, ablate_images=True)
+    assert seen == [[0.0, 0.0, 0.0], [0.0]]
+    with pytest.raises(ValueError, match="at least 2 samples.*got a batch of 1"):
+        held_out_loss(Model(), Loader([1, 3]), 2, torch.device("cpu"), torch.float32, shuffle_images=True)
+    with pytest.raises(ValueError, match="pick one"):
+        held_out_loss(Model(), Loader([3]), 1, torch.device("cpu"), torch.float32, True, True)

@@ -66,19 +66,27 @@ def test_smoke_default_config_loss_falls(cache, tmp_path, capsys):
         # the image-ablated held-out loss: the same batches with every image replaced by the constant one
         ablated = evals[0]["ablated_loss"]
         assert math.isfinite(ablated) and ablated != evals[0]["loss"]
-        assert "the images are worth" in capsys.readouterr().out
+        # the shuffled-image control: each held-out caption with the images of another sample of its batch
+        shuffled = evals[0]["shuffled_loss"]
+        assert math.isfinite(shuffled) and shuffled != evals[0]["loss"] and shuffled != ablated
+        assert "with another sample's images" in capsys.readouterr().out
         trainer.model.eval()
-        num, den = 0.0, 0
         loader = trainer.val_loader
-        loader.load_state_dict({**loader.state_dict(), "position": 0})
-        with torch.no_grad():
-            for _, batch in zip(range(config.eval.batches), loader):
-                out_ = trainer.model(torch.zeros_like(batch["vision_x"]), batch["input_ids"],
-                                     attention_mask=batch["attention_mask"], labels=batch["labels"],
-                                     media_mask=batch["media_mask"])  # fmt: skip
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                num, den = num + float(out_.loss) * n, den + n
-        assert ablated == pytest.approx(num / den, rel=1e-5)
+        for control, images in (
+            (ablated, lambda v: torch.zeros_like(v)),
+            (shuffled, lambda v: torch.cat([v[-1:], v[:-1]])),
+        ):
+            num, den = 0.0, 0
+            loader.load_state_dict({**loader.state_dict(), "position": 0})
+            with torch.no_grad():
+                for _, batch in zip(range(config.eval.batches), loader):
+                    assert batch["vision_x"].shape[0] > 1
+                    out_ = trainer.model(images(batch["vision_x"]), batch["input_ids"],
+                                         attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                         media_mask=batch["media_mask"])  # fmt: skip
+                    n = int((batch["labels"][:, 1:] != -100).sum())
+                    num, den = num + float(out_.loss) * n, den + n
+            assert control == pytest.approx(num / den, rel=1e-9, abs=0)  # the same computation
         assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000030"

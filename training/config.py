@@ -430,13 +430,16 @@ class LoggingConfig(Section):
 
 class EvalConfig(Section):
     """Periodic evaluation (held-out loss on ``batches`` batches, with ``ablated_loss`` also with every image
-    replaced by a constant one -- the gap is what the images are worth -- and a few generations) and the final few-shot
+    replaced by a constant one -- the gap is what the images are worth -- with ``shuffled_loss`` also with each
+    sample's images taken from another sample of its batch -- the gap is what the images say about their own text,
+    without the constant image's penalty for being out of distribution -- and a few generations) and the final few-shot
     demonstration: ``final_queries`` held-out images captioned after ``num_shots`` demonstrations, scored, and with
     ``final_ablation`` scored again with every image replaced by a constant one (what the text alone gives)."""
 
     every_steps: NonNegativeInt = 100
     batches: NonNegativeInt = 2
     ablated_loss: StrictBool = True
+    shuffled_loss: StrictBool = True
     num_generations: NonNegativeInt = 2
     num_shots: NonNegativeInt = 2
     max_new_tokens: PositiveInt = 32
@@ -478,6 +481,13 @@ class TrainConfig(Section):
             )
         if ev.uses_held_out() and self.data.val is None:
             raise invalid("eval", "evaluation and the final few-shot demo need data.val (it is null)")
+        if ev.shuffled_loss and ev.every_steps and ev.batches and self.data.val is not None:
+            if self.data.val.batch_size < 2:
+                raise expected(
+                    "data.val.batch_size",
+                    ">= 2 with eval.shuffled_loss (each held-out sample takes the images of another in its batch)",
+                    self.data.val.batch_size,
+                )
         held_out = self.data.held_out_size()
         if ev.uses_demonstrations() and held_out is not None and ev.num_shots >= held_out:
             raise invalid(

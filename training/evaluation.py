@@ -50,19 +50,41 @@ def held_out_loss(
     device: torch.device,
     dtype: torch.dtype,
     ablate_images: bool = False,
+    shuffle_images: bool = False,
 ) -> Optional[float]:
     """Token-weighted mean loss over ``num_batches`` batches per rank, from the loader's start, summed over ranks.
 
     ``ablate_images``: every image replaced by the constant one (zeros after normalisation, as the few-shot
-    control), so the difference to the real loss is what the images are worth to the model, in nats per token."""
+    control), so the difference to the real loss is what the images are worth to the model, in nats per token.
+    That gap overstates it for a model that relies on its images: a constant image is also out of distribution.
+    ``shuffle_images``: each sample gets the images of another sample in its batch (the batch rolled by one), real
+    images that belong to another text -- the gap to the real loss is then only the information the images carry
+    about their own text. A batch of one sample takes an image of the batch before it (ValueError for the first)."""
+    if ablate_images and shuffle_images:
+        raise ValueError("held_out_loss: ablate_images and shuffle_images are two different controls; pick one")
     if loader is None or num_batches == 0:
         return None
     loader.load_state_dict({**loader.state_dict(), "position": 0})
     totals = torch.zeros(2, dtype=torch.float64)
+    previous: Optional[torch.Tensor] = None
     it = iter(loader)
     for _ in range(num_batches):
         batch = move_batch(next(it), device, dtype)
-        vision_x = torch.zeros_like(batch["vision_x"]) if ablate_images else batch["vision_x"]
+        vision_x = batch["vision_x"]
+        if ablate_images:
+            vision_x = torch.zeros_like(vision_x)
+        elif shuffle_images:
+            real = vision_x
+            if vision_x.shape[0] > 1:
+                vision_x = vision_x.roll(1, dims=0)
+            elif previous is not None and previous.shape[1:] == vision_x.shape[1:]:
+                vision_x = previous[:1]  # a last batch of one sample: an image of the batch before
+            else:
+                raise ValueError(
+                    f"held_out_loss(shuffle_images=True) needs batches of at least 2 samples to give each one "
+                    f"another sample's images, got a batch of {vision_x.shape[0]} (raise the batch size)"
+                )
+            previous = real
         out = model(
             vision_x,
             batch["input_ids"],

@@ -157,6 +157,9 @@ class MetricsLogger:
             if result.get("ablated_loss") is not None:
                 self.tb.add_scalar("eval/ablated_loss", result["ablated_loss"], step)
                 self.tb.add_scalar("eval/image_gain", result["ablated_loss"] - result["loss"], step)
+            if result.get("shuffled_loss") is not None:
+                self.tb.add_scalar("eval/shuffled_loss", result["shuffled_loss"], step)
+                self.tb.add_scalar("eval/image_gain_shuffled", result["shuffled_loss"] - result["loss"], step)
             if result.get("generations"):
                 text = "\n\n".join(
                     f"**true:** {g['true']}  \n**generated:** {g['generated']}" for g in result["generations"]

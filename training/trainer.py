@@ -455,6 +455,11 @@ class Trainer:
                 ablated = held_out_loss(
                     self.model, self.val_loader, cfg.batches, self.device, self.dtype, ablate_images=True
                 )
+            shuffled = None
+            if cfg.shuffled_loss and loss is not None:
+                shuffled = held_out_loss(
+                    self.model, self.val_loader, cfg.batches, self.device, self.dtype, shuffle_images=True
+                )
             generations: list[FewShotSample] = []
             if cfg.num_generations and self.demo_loader is not None:
                 demos, queries = demo_examples(self.demo_loader, self.tokenizer, cfg.num_shots, cfg.num_generations)
@@ -473,6 +478,7 @@ class Trainer:
         result = {
             "loss": loss,
             "ablated_loss": ablated,
+            "shuffled_loss": shuffled,
             "generations": [{"true": g.true, "generated": g.generated} for g in generations],
         }
         self.metrics.log_eval(self.step, result)
@@ -481,6 +487,8 @@ class Trainer:
             head += f": held-out loss {loss:.4f}"
         if ablated is not None:
             head += f", with constant images {ablated:.4f} (the images are worth {ablated - loss:+.4f} nats/token)"
+        if shuffled is not None:
+            head += f", with another sample's images {shuffled:.4f} ({shuffled - loss:+.4f})"
         lines = [head]
         lines += [f"  true: {g.true}\n  gen:  {g.generated}" for g in generations]
         self.metrics.write("\n".join(lines))

@@ -36,6 +36,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -193,6 +195,29 @@ def _marker_info(base: VisionBase | LanguageBase, source: Path) -> dict:
     }
 
 
+@contextmanager
+def _preparing(directory: Path, show_progress: bool) -> Iterator[None]:
+    """Held while ``directory`` is prepared: a second process preparing the same base (two jobs started at once on
+    a fresh cache) waits for the first and then finds the base prepared, instead of racing it to the rename."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no POSIX file locks (Windows): one preparation at a time is up to the user
+        yield
+        return
+    with open(directory.parent / f".{directory.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if show_progress:
+                print(f"waiting for another process that is preparing {directory}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _publish(staging: Path, root: Path, info: dict) -> None:
     (staging / MARKER).write_text(json.dumps(info, indent=2))
     staging.chmod(0o755)  # mkdtemp creates it private
@@ -287,37 +312,39 @@ def prepare_vision_base(name: str, root: Optional[os.PathLike] = None, show_prog
     )
     if _prepared(directory, source):
         return prepared
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    with _preparing(directory, show_progress):
+        if _prepared(directory, source):  # prepared by another process meanwhile
+            return prepared
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory.parent))
-    try:
-        with tqdm(total=3, desc=f"preparing {name}", disable=not show_progress) as bar:
-            config = open_clip_model_config(base)
-            (staging / "model_configs").mkdir()
-            (staging / "model_configs" / f"{name}.json").write_text(json.dumps(config, indent=2))
-            preprocess = {"size": base.image_size, "mean": list(base.mean), "std": list(base.std)}
-            (staging / "open_clip_config.json").write_text(
-                json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=2)
-            )
-            bar.update()
-            weights = torch.load(source, map_location="cpu", weights_only=True)  # never executes code
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # the unused text tower: the same random weights on every machine
-                model = open_clip.create_model(f"local-dir:{staging}", load_weights=False)
-            trunk = model.visual.trunk
-            mapping = efficientnet_key_map(list(weights), [len(stage) for stage in trunk.blocks])
-            trunk_state = {mapping[k]: v for k, v in weights.items()}
-            result = trunk.load_state_dict(trunk_state, strict=True)  # raises on any missing/unexpected key
-            assert not result.missing_keys and not result.unexpected_keys
-            bar.update()
-            state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            save_file(state, staging / prepared.checkpoint.name)
-            bar.update()
-        _publish(staging, directory, _marker_info(base, source))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory.parent))
+        try:
+            with tqdm(total=3, desc=f"preparing {name}", disable=not show_progress) as bar:
+                config = open_clip_model_config(base)
+                (staging / "model_configs").mkdir()
+                (staging / "model_configs" / f"{name}.json").write_text(json.dumps(config, indent=2))
+                preprocess = {"size": base.image_size, "mean": list(base.mean), "std": list(base.std)}
+                (staging / "open_clip_config.json").write_text(
+                    json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=2)
+                )
+                bar.update()
+                weights = torch.load(source, map_location="cpu", weights_only=True)  # never executes code
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)  # the unused text tower: the same random weights on every machine
+                    model = open_clip.create_model(f"local-dir:{staging}", load_weights=False)
+                trunk = model.visual.trunk
+                mapping = efficientnet_key_map(list(weights), [len(stage) for stage in trunk.blocks])
+                trunk_state = {mapping[k]: v for k, v in weights.items()}
+                result = trunk.load_state_dict(trunk_state, strict=True)  # raises on any missing/unexpected key
+                assert not result.missing_keys and not result.unexpected_keys
+                bar.update()
+                state = {k: v.contiguous() for k, v in model.state_dict().items()}
+                save_file(state, staging / prepared.checkpoint.name)
+                bar.update()
+            _publish(staging, directory, _marker_info(base, source))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return prepared
 
 
@@ -339,37 +366,39 @@ def prepare_language_base(name: str, root: Optional[os.PathLike] = None, show_pr
                 f"preparing {name!r} reads its GGUF file with transformers, which needs the package {package!r}; "
                 f"install it with: pip install {package}   (or the project's own install: make install)"
             )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    with _preparing(directory, show_progress):
+        if _prepared(directory, source):  # prepared by another process meanwhile
+            return directory
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory.parent))
-    if show_progress:
-        print(f"preparing {name} from {source} (once; dequantizing to {directory})", flush=True)
-        hf_logging.enable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        # as the original tokenizer: no BOS added, the end-of-turn token as EOS, no pad token (Flamingo adds one)
-        tokenizer.eos_token = base.eos_token
-        tokenizer.pad_token = None
-        if hasattr(tokenizer, "add_bos_token"):
-            tokenizer.add_bos_token = False
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        # a plain fp32 checkpoint now: drop the GGUF loading note so from_pretrained(dir) reads safetensors
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        eos_id = tokenizer.convert_tokens_to_ids(base.eos_token)
-        model.config.eos_token_id = eos_id
-        model.config.pad_token_id = None
-        if model.generation_config is not None:
-            model.generation_config.eos_token_id = eos_id
-            model.generation_config.pad_token_id = None
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        _publish(staging, directory, _marker_info(base, source))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory.parent))
+        if show_progress:
+            print(f"preparing {name} from {source} (once; dequantizing to {directory})", flush=True)
+            hf_logging.enable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            # as the original tokenizer: no BOS added, the end-of-turn token as EOS, no pad token (Flamingo adds one)
+            tokenizer.eos_token = base.eos_token
+            tokenizer.pad_token = None
+            if hasattr(tokenizer, "add_bos_token"):
+                tokenizer.add_bos_token = False
+            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+            # a plain fp32 checkpoint now: drop the GGUF loading note so from_pretrained(dir) reads safetensors
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            eos_id = tokenizer.convert_tokens_to_ids(base.eos_token)
+            model.config.eos_token_id = eos_id
+            model.config.pad_token_id = None
+            if model.generation_config is not None:
+                model.generation_config.eos_token_id = eos_id
+                model.generation_config.pad_token_id = None
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            _publish(staging, directory, _marker_info(base, source))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

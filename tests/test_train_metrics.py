@@ -8,7 +8,7 @@ import pytest
 from training.checkpoint import TAG_RE, CheckpointManager, tag_for
 from training.config import LoggingConfig
 from training.distributed import DistContext
-from training.evaluation import FewShotSample, score_scene_captions
+from training.evaluation import FewShotSample, format_scene_scores, score_scene_captions
 from training.metrics import MetricsLogger, plot_loss_curve, read_records, train_losses
 
 
@@ -59,6 +59,17 @@ def test_scene_caption_scores():
     assert scores["exact_match"] == pytest.approx(1 / 3)
     assert scores["well_formed"] == pytest.approx(2 / 3)
     assert scores["attribute_accuracy"] == pytest.approx(5 / 9)  # 3 + 2 + 0 of 3 attributes each
+    assert scores["position_accuracy"] == pytest.approx(2 / 3)
+    assert (scores["shape_accuracy"], scores["colour_accuracy"], scores["count_accuracy"]) == pytest.approx(
+        (2 / 3, 1 / 3, 2 / 3)
+    )
+    # two groups, one at a position the caption does not name: that group's attributes are all wrong
+    two = score_scene_captions(
+        [FewShotSample("a red circle at the top and two blue squares on the left.", "a red square at the top.")]
+    )
+    assert two["position_accuracy"] == 0.5 and two["shape_accuracy"] == 0 and two["colour_accuracy"] == 0.5
+    assert two["attribute_accuracy"] == pytest.approx(2 / 6)
+    assert "colour 50%" in format_scene_scores(two) and "attributes right: 33.3%" in format_scene_scores(two)
 
 
 def test_latest_pointer(tmp_path):

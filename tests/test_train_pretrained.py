@@ -46,7 +46,10 @@ def test_default_job_on_pretrained_bases(tmp_path):
     assert "images ablated:" in proc.stdout
     report = json.loads((out / "few_shot.json").read_text())
     assert report["num_queries"] == 4 and len(report["ablated_samples"]) == 4
-    assert set(report["images"]) == set(report["ablated"]) == {"exact_match", "well_formed", "attribute_accuracy"}
+    assert set(report["images"]) == set(report["ablated"]) == {
+        "exact_match", "well_formed", "attribute_accuracy", "position_accuracy", "shape_accuracy", "colour_accuracy",
+        "count_accuracy",
+    }  # fmt: skip
     # the export holds the added parts only: the frozen bases are rebuilt from their names
     from safetensors import safe_open
 

@@ -192,16 +192,27 @@ def constant_images(demonstrations: list, queries: list) -> tuple[list, list]:
 def format_scene_scores(scores: dict[str, float]) -> str:
     return (
         f"exact: {scores['exact_match']:.0%}  well-formed: {scores['well_formed']:.0%}  "
-        f"attributes right: {scores['attribute_accuracy']:.1%}"
+        f"attributes right: {scores['attribute_accuracy']:.1%} (position {scores['position_accuracy']:.0%}, "
+        f"shape {scores['shape_accuracy']:.0%}, colour {scores['colour_accuracy']:.0%}, "
+        f"count {scores['count_accuracy']:.0%})"
     )
 
 
+SCENE_ATTRIBUTES = ("shape", "colour", "count")
+
+
 def score_scene_captions(samples: list[FewShotSample]) -> dict[str, float]:
-    """Exact-match rate and, for well-formed captions of the synthetic scenes, attribute accuracy."""
+    """Exact-match rate and, for well-formed captions of the synthetic scenes, attribute accuracy.
+
+    Each group of shapes in a true caption is looked up by its position in the generated one; its shape, colour
+    and count are each right or wrong (all wrong where the position is missing). ``attribute_accuracy`` is the
+    share of right attributes, the mean of ``shape_accuracy``, ``colour_accuracy`` and ``count_accuracy``;
+    ``position_accuracy`` is the share of true groups whose position the generated caption names."""
     from data_pipelines.synthetic import parse_caption
 
     exact = sum(s.exact for s in samples)
-    attributes = correct = well_formed = 0
+    groups = well_formed = positions = 0
+    right = dict.fromkeys(SCENE_ATTRIBUTES, 0)
     for s in samples:
         truth, guess = parse_caption(s.true), parse_caption(s.generated)
         if truth is None:
@@ -210,12 +221,16 @@ def score_scene_captions(samples: list[FewShotSample]) -> dict[str, float]:
         by_position = {g.position: g for g in guess or []}
         for g in truth:
             other = by_position.get(g.position)
-            for attr in ("shape", "colour", "count"):
-                attributes += 1
-                correct += other is not None and getattr(other, attr) == getattr(g, attr)
+            groups += 1
+            positions += other is not None
+            for attr in SCENE_ATTRIBUTES:
+                right[attr] += other is not None and getattr(other, attr) == getattr(g, attr)
     n = max(1, len(samples))
+    share = (lambda k: k / groups) if groups else (lambda k: 0.0)
     return {
         "exact_match": exact / n,
         "well_formed": well_formed / n,
-        "attribute_accuracy": correct / attributes if attributes else 0.0,
+        "attribute_accuracy": share(sum(right.values()) / len(SCENE_ATTRIBUTES)),
+        "position_accuracy": share(positions),
+        **{f"{attr}_accuracy": share(right[attr]) for attr in SCENE_ATTRIBUTES},
     }

@@ -4,6 +4,7 @@ and the checks that fail before any work (bad key, missing shards, CUDA on a CPU
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import json
 import math
 import types
@@ -613,3 +614,28 @@ def test_optimizer_is_fused_and_the_same_update_as_torch_adamw():
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.allclose(model["perceiver"].weight, start, atol=1e-3)  # it trained
+
+
+def test_training_attention_is_the_math_kernel_on_cpu_for_short_sequences():
+    import torch.nn.functional as F
+
+    from training.trainer import MATH_ATTENTION_MAX_TOKENS, training_attention
+
+    cpu = torch.device("cpu")
+    with training_attention(cpu, 32):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored
+    with training_attention(cpu, MATH_ATTENTION_MAX_TOKENS + 1):
+        assert torch.backends.cuda.flash_sdp_enabled()  # long sequences keep the flash kernel
+    with training_attention(cpu, None):
+        assert torch.backends.cuda.flash_sdp_enabled()  # so do unbounded ones
+    # the same attention and gradients as the default kernel
+    q, k, v = (torch.randn(2, 3, 24, 16, requires_grad=True) for _ in range(3))
+    results = []
+    for context in (training_attention(cpu, 24), contextlib.nullcontext()):
+        with context:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

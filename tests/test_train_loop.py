@@ -25,7 +25,7 @@ def _param_checksum(model) -> float:
         return float(sum(p.double().sum() for p in model.parameters()))
 
 
-def test_smoke_default_config_loss_falls(cache, tmp_path, capsys):
+def test_smoke_default_config_loss_falls(cache, tmp_path, capsys, monkeypatch):
     """The default model, batch sizes and schedule for 30 steps (on a smaller generated dataset): the loss falls,
     every step is logged, the held-out evaluation runs, and the export loads without DeepSpeed and computes the
     same logits as the trained model."""
@@ -45,9 +45,20 @@ def test_smoke_default_config_loss_falls(cache, tmp_path, capsys):
         "logging.tensorboard=true",
         "logging.loss_curve=true",
     )
+    import training.trainer as trainer_module
+
+    kernels = []  # every training forward picks its attention kernel (training.trainer.training_attention)
+
+    def recorded(device, length, choose=trainer_module.training_attention):
+        kernels.append(length)
+        return choose(device, length)
+
+    monkeypatch.setattr(trainer_module, "training_attention", recorded)
     trainer = Trainer(config)
     try:
         result = trainer.fit()
+        longest = max(config.data.pairs.max_length, config.data.documents.max_length)
+        assert kernels == [longest] * 2 * 30  # the forward and the backward of 30 steps
         losses = [result.losses[s] for s in range(1, 31)]
         assert all(math.isfinite(v) for v in losses)
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

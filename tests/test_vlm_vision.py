@@ -113,3 +113,23 @@ def test_frozen_tower_keeps_batch_norm_statistics():
 def test_not_an_open_clip_tower():
     with pytest.raises(ValueError, match="Linear"):
         ClipVisionEncoder(torch.nn.Linear(2, 2))
+
+
+def test_convolutional_towers_read_channels_last(timm_towers):
+    """CNN towers get channels-last images (faster oneDNN convolutions) and give the same tokens; ViTs do not."""
+    a = tiny_assets()
+    vit = ClipVisionEncoder(open_clip.create_model(a["clip"], pretrained=a["clip_ckpt"]).visual)
+    effnet = ClipVisionEncoder(open_clip.create_model("tiny-timm-effnet-vision-test").visual)
+    rn50 = ClipVisionEncoder(open_clip.create_model("RN50").visual)
+    assert not vit.channels_last and effnet.channels_last and rn50.channels_last
+    seen = []
+    conv = effnet.visual.trunk.conv_stem
+    handle = conv.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    images = random_images(2, 64)
+    tokens = effnet(images)
+    handle.remove()
+    assert seen == [True]
+    effnet.channels_last = False
+    torch.testing.assert_close(tokens, effnet(images), rtol=1e-4, atol=1e-5)

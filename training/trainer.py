@@ -74,6 +74,25 @@ from .modeling import (
 )
 from .optim import build_optimizer, build_scheduler
 
+MATH_ATTENTION_MAX_TOKENS = 256
+
+
+def training_attention(device: torch.device, sequence_length: Optional[int]):
+    """The scaled-dot-product-attention kernel of the training steps, entered around their forward and backward
+    (activation checkpointing recomputes the forward in the backward: it must pick the same kernel).
+
+    ``sequence_length``: the longest a training sequence can be (the streams' ``max_length``; None: unbounded).
+    On CPU, for sequences of up to ``MATH_ATTENTION_MAX_TOKENS`` tokens, the math kernel: its forward + backward
+    is faster than the flash kernel's there (SmolLM2's 9 heads, bf16, 2 cores: 3.3 against 8.2 ms at 16 x 32
+    tokens, 3.8 against 6.4 ms at 4 x 96, 9.0 against 11.2 ms at 4 x 160), while the flash kernel stays for
+    inference (its forward alone is 3x faster) and for long sequences (math holds the full attention matrix).
+    Elsewhere PyTorch's own choice."""
+    if device.type == "cpu" and sequence_length is not None and sequence_length <= MATH_ATTENTION_MAX_TOKENS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss; a checkpoint of the last good state was written."""
@@ -319,8 +338,12 @@ class Trainer:
         window_bad = False
         grad_norm = None
         lr = self.optimizer.param_groups[0]["lr"]
+        # one attention kernel for the forward, the backward and any recomputation (activation checkpointing)
+        longest = [getattr(self.config.data, name).max_length for name in names]
+        longest = None if None in longest else max(longest)
         for micro in range(gas):
-            loss, parts, samples, tokens = self._micro_step()
+            with training_attention(self.device, longest):
+                loss, parts, samples, tokens = self._micro_step()
             finite = bool(torch.isfinite(loss.detach()))
             local = torch.tensor(
                 [float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0, samples, tokens]
@@ -330,7 +353,8 @@ class Trainer:
             reduced = all_reduce_sum(local)
             window_bad = window_bad or bool(reduced[1] > 0)  # identical on every rank
             sums += reduced
-            self.engine.backward(loss)
+            with training_attention(self.device, longest):
+                self.engine.backward(loss)
             if micro == gas - 1:
                 grad_norm = self._grad_norm_before_step() if not window_bad else None
             self.optimizer.skip_next_step = window_bad  # only read at the accumulation boundary

@@ -100,9 +100,10 @@ def test_latents_init_std(cache):
             load_config(TINY, [f"model.latents_init_std={bad}"])
 
 
-def test_flickr8k_uses_both_and_the_other_configs_neither():
-    model = load_config("configs/flickr8k.yaml").model
-    assert model.match_lm_scale and model.latents_init_std == 0.1
-    for preset in (None, "configs/openflamingo-3b.yaml", TINY):  # the default, OpenFlamingo's recipe, smoke runs
+def test_the_default_and_flickr8k_use_both_and_the_other_configs_neither():
+    for preset in (None, "configs/flickr8k.yaml"):
+        model = load_config(preset).model
+        assert model.match_lm_scale and model.latents_init_std == 0.1
+    for preset in ("configs/openflamingo-3b.yaml", TINY):  # OpenFlamingo's recipe, smoke runs
         cfg = load_config(preset).model
         assert not cfg.match_lm_scale and cfg.latents_init_std is None

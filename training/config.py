@@ -75,7 +75,7 @@ class RunConfig(Section):
 
     output_dir: Annotated[str, Field(min_length=1)] = "outputs/default"
     seed: NonNegativeInt = 0
-    max_steps: PositiveInt = 300
+    max_steps: PositiveInt = 270
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deepspeed: str = "configs/deepspeed/zero0.json"

@@ -56,7 +56,7 @@ def held_out_loss(
 
     ``ablate_images``: every image replaced by the constant one (zeros after normalisation, as the few-shot
     control), so the difference to the real loss is what the images are worth to the model, in nats per token.
-    That gap overstates it for a model that relies on its images: a constant image is also out of distribution.
+    That gap can overstate it for a model that relies on its images: a constant image is also out of distribution.
     ``shuffle_images``: each sample gets the images of another sample in its batch (the batch rolled by one), real
     images that belong to another text -- the gap to the real loss is then only the information the images carry
     about their own text. A batch of one sample takes an image of the batch before it (ValueError for the first)."""

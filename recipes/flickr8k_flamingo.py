@@ -319,6 +319,12 @@ def summarize_eval(results: dict, num_test: int) -> dict[str, Any]:
         for mode in results["protocol"]["modes"]
         if (mode, False, 4) in by_key and (mode, False, 0) in by_key
     }
+    # The same comparison with what one evaluation resolves: per-image CIDEr, paired, 95% bootstrap interval.
+    four_vs_zero_paired = {
+        d["a"].split()[0]: {k: d[k] for k in ("difference", "ci95", "pairs", "resolved")}
+        for d in results.get("paired_differences", [])
+        if d["a"].endswith(" 4-shot") and d["b"].endswith(" 0-shot") and "ablated" not in d["a"]
+    }
     num_samples = settings[0]["num_samples"] if settings else 0
     return {
         "metric_units": "percent (CIDEr x 100, as OpenFlamingo reports it; BLEU-4 x 100)",
@@ -342,7 +348,9 @@ def summarize_eval(results: dict, num_test: int) -> dict[str, Any]:
             if ratios
             else None,
             "four_shot_not_worse_than_zero_shot": four_vs_zero,
+            "four_minus_zero_shot_cider": four_vs_zero_paired,
         },
+        "paired_differences": results.get("paired_differences", []),
     }
 
 
@@ -552,6 +560,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
         )  # fmt: skip
     print(f"\nFlickr8k test ({scores['subset_note']}):")
     results["table"] = print_table(["demonstrations", "shots", "CIDEr", "BLEU-4", "trials", "images"], rows)
+    for mode, d in scores["targets"]["four_minus_zero_shot_cider"].items():
+        lo, hi = d["ci95"]
+        print(f"4-shot minus 0-shot CIDEr, {mode}: {d['difference']:+.2f}, 95% paired interval [{lo:+.2f}, {hi:+.2f}]")
     best = scores["targets"]["best"]
     if best is not None:
         setting = next(

@@ -147,6 +147,19 @@ def test_command_line_captioning_writes_results(model, tmp_path, capsys):
             assert len(rec["demonstrations"]) == 2 and rec["id"] not in rec["demonstrations"]
     assert (out / "captioning_shots.png").stat().st_size > 1000
     assert len(list((cache / "rices").glob("*.pt"))) == 2  # train and test features, cached
+    # paired comparisons: 2-shot vs 0-shot per mode (real and ablated) and each real setting vs its control; the
+    # per-image CIDEr of each record averages to its trial's CIDEr, so the paired mean is the difference of means
+    means = {(r["mode"], r["ablate_images"], r["shots"]): r["mean"]["cider"] for r in res["runs"]}
+    name = lambda m, ab, k: f"{m}{'-ablated' if ab else ''} {k}-shot"  # noqa: E731
+    pairs = [((m, ab, 2), (m, ab, 0)) for m in ("random", "rices") for ab in (False, True)]
+    pairs += [((m, False, k), (m, True, k)) for m in ("random", "rices") for k in (0, 2)]
+    diffs = {(d["a"], d["b"]): d for d in res["paired_differences"]}
+    assert set(diffs) == {(name(*a), name(*b)) for a, b in pairs}
+    for a, b in pairs:
+        d = diffs[(name(*a), name(*b))]
+        assert d["difference"] == pytest.approx(means[a] - means[b], abs=1e-6)
+        assert d["pairs"] == 8 and d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    assert "paired differences" in printed and "| rices 2-shot - rices 0-shot | cider |" in printed
 
 
 @pytest.mark.slow

@@ -106,6 +106,12 @@ def test_recipe_end_to_end_on_tiny_flickr(tmp_path):
     targets = ev["targets"]
     assert set(targets["four_shot_not_worse_than_zero_shot"]) == {"random", "rices"}
     assert set(targets["cider_over_ablated"]) == {f"{m} {k}-shot" for m in ("random", "rices") for k in (0, 4)}
+    by_key = {(s["mode"], s["ablate_images"], s["shots"]): s["cider"]["mean"] for s in ev["settings"]}
+    for mode, d in targets["four_minus_zero_shot_cider"].items():  # the paired comparison of the same setting means
+        assert d["difference"] == pytest.approx(by_key[(mode, False, 4)] - by_key[(mode, False, 0)], abs=1e-6)
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["pairs"] == 4
+    assert set(targets["four_minus_zero_shot_cider"]) == {"random", "rices"}
+    assert "4-shot minus 0-shot CIDEr, rices" in proc.stdout
     for name in ("samples.png", "loss_curve.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

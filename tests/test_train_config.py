@@ -239,7 +239,11 @@ def test_optimizer_gets_only_trainable_params_and_decay_only_on_cross_attention(
     else:
         assert trainable == {n for n, _ in model.named_parameters()}
     assert decayed and all("gated_cross_attn" in n for n in decayed)
-    assert not any("gated_cross_attn" in n for n in undecayed)
+    # OpenFlamingo's apply_decay: the cross-attention weights, not their gates, LayerNorms or biases
+    assert all(n.endswith(".weight") and "norm" not in n for n in decayed)
+    xattn_undecayed = {n for n in undecayed if "gated_cross_attn" in n}
+    assert xattn_undecayed and all(n.endswith(("_gate", ".bias")) or "norm" in n for n in xattn_undecayed)
+    assert {n.rsplit(".", 1)[-1] for n in xattn_undecayed} >= {"attn_gate", "mlp_gate", "weight", "bias"}
     assert any(n.startswith("perceiver.") for n in undecayed)  # the resampler trains, without decay
     assert all(float(b.attn_gate.detach()) == 0.0 for b in model.gated_cross_attn_layers)  # gate_init=None: 0
     opt = build_optimizer(model, TrainConfig().optim)

@@ -1,8 +1,8 @@
 """Optimizer and learning-rate schedule.
 
 Only trainable parameters are optimised (the resampler, the gated cross-attention blocks, the added token rows;
-the backbones too when unfrozen). Weight decay goes where OpenFlamingo applies it -- the parameters of the gated
-cross-attention layers -- and nowhere else. The schedule is a linear warmup followed by cosine decay, linear decay
+the backbones too when unfrozen). Weight decay goes where OpenFlamingo's ``train.py`` applies it -- the weights of
+the gated cross-attention layers, not their tanh gates, LayerNorms or biases -- and nowhere else. The schedule is a linear warmup followed by cosine decay, linear decay
 or a constant rate.
 """
 
@@ -17,7 +17,16 @@ from torch import nn
 from .config import OptimConfig
 
 LR_SCALE_ATTR = "lr_scale"  # as training.modeling sets it
-DECAY_MARKER = "gated_cross_attn"  # OpenFlamingo: weight decay only on parameters whose name contains it
+DECAY_MARKER = "gated_cross_attn"  # OpenFlamingo: weight decay only on parameters whose name contains it ...
+NO_DECAY_PARTS = ("gate", "norm", "bias")  # ... and none of these (attn_gate / mlp_gate, LayerNorms, biases)
+
+
+def is_decayed(name: str) -> bool:
+    """Whether the parameter called ``name`` gets weight decay (OpenFlamingo's ``apply_decay``)."""
+    if DECAY_MARKER not in name:
+        return False
+    inside = name.split(DECAY_MARKER, 1)[1].split(".")[1:]  # the names below the cross-attention block
+    return not any(part in segment for segment in inside for part in NO_DECAY_PARTS)
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -37,7 +46,8 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict]:
-    """Trainable parameters, split into a decayed group (gated cross-attention) and an undecayed one.
+    """Trainable parameters, split into a decayed group (:func:`is_decayed`: the gated cross-attention weights) and
+    an undecayed one.
 
     A parameter with an ``lr_scale`` attribute (``training.modeling.match_lm_scale``) goes into a group of its
     own with ``lr * lr_scale`` and ``weight_decay / lr_scale``: with Adam, training ``s * W`` this way is training
@@ -48,7 +58,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float) -> list[d
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decayed = DECAY_MARKER in name
+        decayed = is_decayed(name)
         scale = getattr(p, LR_SCALE_ATTR, None)
         if scale is not None:
             scaled.setdefault((decayed, float(scale)), []).append(p)

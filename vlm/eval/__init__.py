@@ -3,6 +3,7 @@ VQA (VQA accuracy) and classification (top-1/top-5 by class-name likelihood), wi
 demonstrations and an image-ablated control. Command line: ``python -m vlm.eval --help``.
 """
 
+from .compare import format_differences, paired_difference, paired_differences
 from .datasets import (
     CaptionSample,
     ClassificationSample,
@@ -44,6 +45,7 @@ __all__ = [
     "evaluate_captioning",
     "evaluate_classification",
     "evaluate_vqa",
+    "format_differences",
     "format_table",
     "generate",
     "image_features",
@@ -53,6 +55,8 @@ __all__ = [
     "load_model",
     "load_vqa",
     "normalize_vqa_answer",
+    "paired_difference",
+    "paired_differences",
     "plot_results",
     "vqa_accuracy",
     "vqa_question_accuracy",

@@ -193,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from pathlib import Path
 
+    from .compare import format_differences
     from .models import load_model
     from .report import format_table, write_results
     from .runner import evaluate
@@ -252,6 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out or f"outputs/eval/{args.task}")
     path = write_results(results, out, plot=not args.no_plot)
     print(format_table(results))
+    if results["paired_differences"]:
+        print("paired differences (same samples; 95% bootstrap interval):")
+        print(format_differences(results["paired_differences"]))
     print(f"batched inference: {results['images_per_s']:.1f} images/s (mean over trials)")
     print(f"results: {path}")
     return 0

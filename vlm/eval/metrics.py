@@ -80,7 +80,8 @@ def caption_scores_many(
     sets: Sequence[tuple[Mapping[Hashable, str], Mapping[Hashable, Sequence[str]]]],
 ) -> list[dict[str, float]]:
     """:func:`caption_scores` of several (candidates, references) sets with one tokenizer call; each set
-    is scored on its own (CIDEr's IDF from that set's references)."""
+    is scored on its own (CIDEr's IDF from that set's references). Each result also has ``cider_per_image``
+    (id -> that image's CIDEr-D, whose mean is the set's ``cider``): what paired comparisons resample."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -93,10 +94,12 @@ def caption_scores_many(
     for candidates, references in sets:
         res = {k: [tok[c]] for k, c in candidates.items()}
         gts = {k: [tok[r] for r in references[k]] for k in candidates}
-        cider_score, _ = Cider().compute_score(gts, res)
+        cider_score, per_image = Cider().compute_score(gts, res)
         with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its n-gram statistics
             bleu_scores, _ = Bleu(4).compute_score(gts, res)
-        out.append({"cider": float(cider_score), "bleu4": float(bleu_scores[3])})
+        # CIDEr-D of the set is the mean of its per-image scores (in the order of ``gts``' keys, the candidates').
+        per_id = {k: float(v) for k, v in zip(gts, per_image)}
+        out.append({"cider": float(cider_score), "bleu4": float(bleu_scores[3]), "cider_per_image": per_id})
     return out
 
 
@@ -106,7 +109,8 @@ def caption_scores(
     """``{"cider": ..., "bleu4": ...}`` of raw candidate captions (id -> str) against raw references
     (id -> list of str), on pycocoevalcap's scale (not multiplied by 100): both sides PTB-tokenized,
     then ``Cider().compute_score`` and ``Bleu(4).compute_score(...)[0][3]`` over the whole set."""
-    return caption_scores_many([(candidates, references)])[0]
+    scores = caption_scores_many([(candidates, references)])[0]
+    return {"cider": scores["cider"], "bleu4": scores["bleu4"]}
 
 
 def cider(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> float:

@@ -2,7 +2,9 @@
 
 ``results.json``: task, metric, model and data identity, protocol, and one entry per
 (mode, ablated, shots) with the trial seeds, per-trial metrics, mean, std, number of samples,
-images/s and the path of each trial's predictions file (``predictions/<run>_seed<S>.jsonl``).
+images/s and the path of each trial's predictions file (``predictions/<run>_seed<S>.jsonl``); then
+``paired_differences`` (:mod:`vlm.eval.compare`): each pair of shot counts within a mode and each setting against
+its ablated control, the mean per-sample difference of the primary metric with a 95% bootstrap interval.
 """
 
 from __future__ import annotations

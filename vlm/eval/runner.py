@@ -3,7 +3,9 @@
 For every trial: choose the evaluated samples (all, or ``num_samples`` drawn by the seed), each
 query's demonstrations (random from the seed's query set, or RICES), build the prompts, run them in
 batches, post-process and score. ``ablate_images`` adds, for every mode, the same prompts with every
-image replaced by one constant image (the text-only control).
+image replaced by one constant image (the text-only control). The results end with the paired comparisons
+of :mod:`vlm.eval.compare`: every pair of shot counts and every setting against its ablated control, with a
+bootstrap interval over the shared samples.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..processor import FlamingoProcessor
+from .compare import paired_differences
 from .datasets import EvalDataset, default_cache_dir
 from .demos import RICES, RandomDemos, cached_image_features, eval_indices, vision_fingerprint
 from .inference import class_log_likelihoods, constant_image, generate, prompt_loader
@@ -135,6 +138,7 @@ def evaluate(
     for r in runs:
         r["num_samples"] = r["trials"][0]["num_samples"]
         r["mean"], r["std"] = aggregate_trials([t["metrics"] for t in r["trials"]])
+    differences = paired_differences(runs, task.sample_score, task.metric)
     speeds = [t["images_per_s"] for r in runs for t in r["trials"]]
     return {
         "task": task.name,
@@ -157,6 +161,7 @@ def evaluate(
             **({"normalize_length": task.normalize_length} if isinstance(task, ClassificationTask) else {}),
         },
         "runs": runs,
+        "paired_differences": differences,
         "images_per_s": float(np.mean(speeds)) if speeds else None,
     }
 

@@ -109,6 +109,11 @@ class Task:
         """:meth:`score` of several trials, each (samples, outputs)."""
         return [self.score(samples, outputs) for samples, outputs in trials]
 
+    def sample_score(self, record: dict) -> float:
+        """One scored prediction record's share of the primary metric, in percent: the metric of a trial is the
+        mean of its records' sample scores (what :mod:`vlm.eval.compare` pairs and resamples)."""
+        raise NotImplementedError
+
 
 @dataclass
 class CaptioningTask(Task):
@@ -130,11 +135,17 @@ class CaptioningTask(Task):
     def score(self, samples: Sequence[CaptionSample], predictions: Sequence[str]) -> tuple[dict, list[dict]]:
         return self.score_many([(samples, predictions)])[0]
 
+    def sample_score(self, record: dict) -> float:
+        return record["cider"]  # the image's CIDEr-D x 100; their mean is the trial's corpus CIDEr
+
     def score_many(self, trials: Sequence[tuple[Sequence, Sequence]]) -> list[tuple[dict, list[dict]]]:
         sets = [({s.id: p for s, p in zip(ss, ps)}, {s.id: s.captions for s in ss}) for ss, ps in trials]
         scores = caption_scores_many(sets)
         return [
-            ({"cider": 100 * sc["cider"], "bleu4": 100 * sc["bleu4"]}, [{"references": s.captions} for s in ss])
+            (
+                {"cider": 100 * sc["cider"], "bleu4": 100 * sc["bleu4"]},
+                [{"references": s.captions, "cider": 100 * sc["cider_per_image"][s.id]} for s in ss],
+            )
             for sc, (ss, _) in zip(scores, trials)
         ]
 
@@ -165,6 +176,9 @@ class VQATask(Task):
         acc = [vqa_question_accuracy(p, s.answers) for s, p in zip(samples, predictions)]
         records = [{"question": s.question, "answers": s.answers, "accuracy": a} for s, a in zip(samples, acc)]
         return {"accuracy": 100 * sum(acc) / len(acc)}, records
+
+    def sample_score(self, record: dict) -> float:
+        return 100 * record["accuracy"]
 
 
 @dataclass
@@ -198,3 +212,6 @@ class ClassificationTask(Task):
             for s, r in zip(samples, ranked)
         ]
         return metrics, records
+
+    def sample_score(self, record: dict) -> float:
+        return 100.0 * record["correct"]  # top-1

@@ -174,7 +174,8 @@ class ModelConfig(_FlamingoFields):
     Flickr8k made the held-out loss 0.10 nats/token better than with constant images (without either: 0.000).
     Both are on by default and in configs/flickr8k.yaml (off in tiny-random and the OpenFlamingo presets): on the
     generated scenes, with optim.lr 1e-3, the default job read 73.5% of the attributes after 300 steps against
-    22.8% without them (ablated controls 4.1% and 5.4%).
+    22.8% without them (ablated controls 4.1% and 5.4%), both with weight decay on the cross-attention gates and
+    LayerNorms; with OpenFlamingo's decay rule (the current code) the 270-step default job read 68.0% (12.6%).
     """
 
     tiny: Optional[TinyBasesConfig] = None

@@ -2,8 +2,8 @@
 
 Only trainable parameters are optimised (the resampler, the gated cross-attention blocks, the added token rows;
 the backbones too when unfrozen). Weight decay goes where OpenFlamingo's ``train.py`` applies it -- the weights of
-the gated cross-attention layers, not their tanh gates, LayerNorms or biases -- and nowhere else. The schedule is a linear warmup followed by cosine decay, linear decay
-or a constant rate.
+the gated cross-attention layers, not their tanh gates, LayerNorms or biases -- and nowhere else. The schedule is a
+linear warmup followed by cosine decay, linear decay or a constant rate.
 """
 
 from __future__ import annotations

@@ -69,6 +69,13 @@ def decode_pair(raw: dict[str, bytes], choose: Callable[[int], int] | None = Non
     """Image + caption of a pair sample. ``choose(n)`` picks one of n captions from ``json["captions"]``;
     None takes ``txt`` (or ``json["caption"]``)."""
     meta = parse_json(raw) or {}
+    caption = pair_caption(raw, meta, choose)
+    ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
+    return Pair(decode_image(raw[ext]), caption, meta)
+
+
+def pair_caption(raw: dict[str, bytes], meta: dict, choose: Callable[[int], int] | None = None) -> str:
+    """The caption :func:`decode_pair` takes (``meta``: the sample's parsed json, or {}), without the image."""
     caption = None
     captions = meta.get("captions")
     if choose is not None and isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions):
@@ -82,8 +89,7 @@ def decode_pair(raw: dict[str, bytes], choose: Callable[[int], int] | None = Non
         caption = meta.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         raise SampleSkip("empty_caption")
-    ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
-    return Pair(decode_image(raw[ext]), caption.strip(), meta)
+    return caption.strip()
 
 
 @dataclass
@@ -99,6 +105,26 @@ def decode_document(raw: dict[str, bytes], max_images: int) -> Document:
     """Images and text of an interleaved document; images come from members named in ``image_info[i]["member"]``
     (this package's writer) or from embedded ``image_info[i]["image_base64"]`` (OpenFlamingo-style MMC4 shards).
     Images that fail to decode are dropped (listed in ``dropped``); a document left without images is a SampleSkip."""
+    meta, text_list, infos, valid = document_layout(raw)
+    images: list[Image.Image] = []
+    sentences: list[int] = []
+    dropped: list[str] = ["corrupt_json"] * (len(infos) - len(valid))
+    for info in valid:
+        if len(images) >= max_images:
+            break
+        try:
+            images.append(decode_image(_document_image_bytes(raw, info)))
+            sentences.append(info["matched_text_index"])
+        except SampleSkip as skip:
+            dropped.append(skip.reason)
+    if not images:
+        raise SampleSkip("no_images", f"dropped: {dropped}" if dropped else "document has no image")
+    return Document(images, text_list, sentences, meta, dropped)
+
+
+def document_layout(raw: dict[str, bytes]) -> tuple[dict, list[str], list, list[dict]]:
+    """(json, text_list, image_info, the usable image_info entries in sentence order) of a document sample; what
+    :func:`decode_document` reads before decoding any image. SampleSkip("corrupt_json") when the json is unusable."""
     meta = parse_json(raw)
     if meta is None:
         raise SampleSkip("corrupt_json", "no json member")
@@ -116,20 +142,7 @@ def decode_document(raw: dict[str, bytes], max_images: int) -> Document:
         and 0 <= info["matched_text_index"] < len(text_list)
     ]
     valid.sort(key=lambda info: info["matched_text_index"])
-    images: list[Image.Image] = []
-    sentences: list[int] = []
-    dropped: list[str] = ["corrupt_json"] * (len(infos) - len(valid))
-    for info in valid:
-        if len(images) >= max_images:
-            break
-        try:
-            images.append(decode_image(_document_image_bytes(raw, info)))
-            sentences.append(info["matched_text_index"])
-        except SampleSkip as skip:
-            dropped.append(skip.reason)
-    if not images:
-        raise SampleSkip("no_images", f"dropped: {dropped}" if dropped else "document has no image")
-    return Document(images, text_list, sentences, meta, dropped)
+    return meta, text_list, infos, valid
 
 
 def _document_image_bytes(raw: dict[str, bytes], info: dict[str, Any]) -> bytes:

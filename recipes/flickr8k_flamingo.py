@@ -232,6 +232,14 @@ def training_summary(train_dir: Path) -> dict[str, Any]:
         "max_seconds": config["run"].get("max_seconds"),
         "stopped_by_time_limit": train[-1]["step"] < config["run"]["max_steps"],
         "samples_seen": sum(r["samples"] for r in train),
+        "tokens_seen": sum(r["tokens"] for r in train),
+        # padding among the positions the LM computed (data.*.group_by_length keeps it low)
+        "padding_fraction": (
+            round(1 - sum(r["tokens"] for r in train) / sum(r["positions"] for r in train), 4)
+            if all(r.get("positions") for r in train)
+            else None
+        ),
+        "group_by_length": {s: (config["data"].get(s) or {}).get("group_by_length") for s in streams},
         "loader_samples": {s: data[-1][s].get("samples") for s in streams if data and s in data[-1]},
         "train_loop_seconds": round(sum(r.get("step_seconds", 0.0) for r in train), 1),
         "seconds_per_step": round(sum(r.get("step_seconds", 0.0) for r in train) / len(train), 3),

@@ -310,3 +310,108 @@ def test_caption_choice_among_several_captions(tmp_path: Path, tokenizer) -> Non
     drawn = texts("random")
     assert drawn == texts("random") and len(set(drawn)) >= 3 and set(drawn) <= set(captions)
     assert set(texts("first")) == {"a cat"}
+
+
+# ------------------------------------------------------------------------------------------------ length grouping
+def write_varied_pairs(out_dir: Path, count: int, per_shard: int) -> None:
+    """Pair i has caption "caption" + " sample" * (i * 7 % 11): 1 to 11 words, lengths spread over the stream."""
+    from data_helpers import image_bytes
+
+    from data_pipelines.shards import ShardWriter, ShardWriterConfig
+
+    with ShardWriter(ShardWriterConfig(out_dir, prefix="varied", max_samples_per_shard=per_shard)) as writer:
+        for i in range(count):
+            caption = "caption" + " sample" * (i * 7 % 11)
+            writer.write({"jpg": image_bytes(colour_of(i)), "txt": caption, "json": {"caption": caption, "index": i}})
+
+
+@pytest.fixture(scope="module")
+def varied_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("varied")
+    write_varied_pairs(out, count=70, per_shard=16)
+    return out
+
+
+def real_lengths(batch: dict) -> list[int]:
+    return batch["attention_mask"].sum(dim=1).tolist()
+
+
+def padding_fraction(batches: list[dict]) -> float:
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return 1 - real / sum(b["attention_mask"].numel() for b in batches)
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_sample_once(varied_shards: Path, tokenizer) -> None:
+    plain = make_loader(varied_shards, tokenizer, batch_size=5, seed=3)
+    grouped = make_loader(varied_shards, tokenizer, batch_size=5, seed=3, group_by_length=4)
+    for epoch in range(2):
+        a, b = list(plain), list(grouped)
+        assert len(b) == len(grouped) == len(a) == 14
+        assert sorted(indices(b)) == list(range(70))  # a permutation of the epoch, nothing lost or repeated
+        assert set(indices(b[:4])) == set(indices(a[:4]))  # window 0: the same 20 slots as the first 4 batches
+        assert padding_fraction(b) < 0.15 < 0.25 < padding_fraction(a)  # measured: 0.11 vs 0.28-0.37
+    # inside a window the batches are cut from the sorted lengths: their length ranges do not overlap
+    windows = [b[i : i + 4] for i in range(0, 12, 4)]
+    for window in windows:
+        ranges = sorted((min(real_lengths(x)), max(real_lengths(x))) for x in window)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
+    # ... and are served in a drawn order, not shortest first in every window
+    served = [[max(real_lengths(x)) for x in window] for window in windows]
+    assert any(order != sorted(order) for order in served)
+    # the same stream again, and with workers
+    again = make_loader(varied_shards, tokenizer, batch_size=5, seed=3, group_by_length=4, num_workers=2)
+    fresh = make_loader(varied_shards, tokenizer, batch_size=5, seed=3, group_by_length=4)
+    assert indices(list(again)) == indices(list(fresh))
+
+
+def test_group_by_length_resumes_mid_window(varied_shards: Path, tokenizer) -> None:
+    options = {"seed": 1, "batch_size": 4, "group_by_length": 3}
+    finite = make_loader(varied_shards, tokenizer, **options)
+    epoch0 = list(finite)  # 70 slots: windows of 12, the last one 10 slots (batches 4, 4, 2)
+    assert [len(b["input_ids"]) for b in epoch0].count(2) == 1 and len(epoch0) == 18
+    reference = indices(epoch0 + list(finite))
+
+    interrupted = make_loader(varied_shards, tokenizer, **options)
+    stream = iter(interrupted)
+    head = indices([next(stream) for _ in range(7)])  # 2 windows + 1 batch of the third
+    state = interrupted.state_dict()
+    assert state["position"] == 2 * 12 + 4 and state["group_by_length"] == 3
+    resumed = make_loader(varied_shards, tokenizer, **{**options, "num_workers": 2})
+    resumed.load_state_dict(state)
+    assert head + indices(list(resumed) + list(resumed)) == reference
+
+    endless = make_loader(varied_shards, tokenizer, **options, infinite=True)
+    it = iter(endless)
+    head = indices([next(it) for _ in range(20)])  # past the 70-sample epoch: windows run on across it
+    state = endless.state_dict()
+    tail = indices([next(it) for _ in range(5)])
+    again = make_loader(varied_shards, tokenizer, **options, infinite=True)
+    again.load_state_dict(state)
+    assert indices([b for _, b in zip(range(5), again)]) == tail
+    assert set(head[:72]) == set(range(70))  # infinite: 6 windows of 12 hold epoch 0 and 2 slots of epoch 1
+
+    plain_state = make_loader(varied_shards, tokenizer, seed=1, batch_size=4).state_dict()
+    with pytest.raises(ValueError, match="group_by_length"):
+        make_loader(varied_shards, tokenizer, **options).load_state_dict(plain_state)
+    odd = {**state, "position": 13}  # not at a batch boundary of its window [12, 24)
+    with pytest.raises(ValueError, match=r"position 13 .*window \[12, 24\)"):
+        make_loader(varied_shards, tokenizer, **options, infinite=True).load_state_dict(odd)
+    with pytest.raises(ValueError, match="group_by_length must be an int >= 1, got 0"):
+        make_loader(varied_shards, tokenizer, group_by_length=0)
+
+
+def test_group_by_length_drop_last_and_documents(varied_shards: Path, tmp_path: Path, tokenizer) -> None:
+    dropping = make_loader(varied_shards, tokenizer, batch_size=4, group_by_length=3, drop_last=True)
+    batches = list(dropping)
+    assert len(batches) == len(dropping) == 17 and all(len(b["input_ids"]) == 4 for b in batches)
+    assert len(set(indices(batches))) == 68  # the short batch of the last window is the one dropped
+
+    write_doc_shards(tmp_path, num_docs=24, per_shard=8)  # doc d: d % 3 + 1 images, text as long as its images
+    loader = documents_loader(str(tmp_path), tokenizer, SmallTransform(), batch_size=4, return_metadata=True)
+    grouped = documents_loader(
+        str(tmp_path), tokenizer, SmallTransform(), batch_size=4, return_metadata=True, group_by_length=6
+    )
+    plain, sorted_ = list(loader), list(grouped)
+    assert sorted([m["json"]["index"] for b in sorted_ for m in b["metadata"]]) == list(range(24))
+    assert all(len(set(b["media_mask"].sum(dim=1).tolist())) == 1 for b in sorted_)  # one image count per batch
+    assert padding_fraction(sorted_) == 0 < padding_fraction(plain)

@@ -56,6 +56,7 @@ def test_recipe_end_to_end_on_tiny_flickr(tmp_path):
         "optim.warmup_steps=1",  # the warmup ends before run.max_steps
         "run.num_threads=1",
         "data.pairs.batch_size=4",
+        "data.pairs.group_by_length=2",  # windows of 8 pairs sorted by length
         "data.pairs.max_length=64",
         "data.documents.batch_size=2",
         "data.documents.max_length=256",
@@ -85,6 +86,8 @@ def test_recipe_end_to_end_on_tiny_flickr(tmp_path):
     train = results["training"]
     assert train["steps"] == train["max_steps"] == 4 and not train["stopped_by_time_limit"]
     assert train["samples_seen"] == 4 * (4 + 2)
+    assert 0 <= train["padding_fraction"] < 1 and train["tokens_seen"] > 0
+    assert train["group_by_length"] == {"pairs": 2, "documents": 1}
     assert all(math.isfinite(train[k]) and train[k] > 0 for k in ("final_train_loss", "final_val_loss"))
     assert set(train["final_train_loss_per_stream"]) == {"pairs", "documents"}
     assert [v["step"] for v in train["val_losses"]] == [2, 4]

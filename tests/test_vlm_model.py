@@ -139,6 +139,18 @@ def test_absent_images_are_never_attended(llama):
             latents, _ = model.encode_media(vx, media_mask)
         assert torch.equal(a, b)
         assert torch.equal(latents[1, 1], torch.zeros_like(latents[1, 1]))
+        # the padding slot never goes through the vision tower; the real images land in their own slots
+        seen = []
+        hook = model.vision_encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+        try:
+            with torch.no_grad():
+                latents, _ = model.encode_media(vx, torch.tensor([[True, False], [True, True]]))
+                alone, _ = model.encode_media(vx[1:])
+        finally:
+            hook.remove()
+        assert seen == [3, 2]
+        assert torch.equal(latents[0, 1], torch.zeros_like(latents[0, 1]))
+        torch.testing.assert_close(latents[1], alone[0])
     finally:
         set_gates(model, 0.0)
 

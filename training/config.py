@@ -282,7 +282,7 @@ class StreamConfig(_StreamFields, _LoaderOptions):
 # LoaderConfig's fields the evaluation protocol sets: the held-out pairs in written order, their first caption
 EVAL_LOADER_FIELDS = (
     *TRAINER_LOADER_FIELDS,
-    *("shuffle", "resample", "caption_choice", "max_images", "min_images"),
+    *("shuffle", "resample", "caption_choice", "max_images", "min_images", "group_by_length"),
 )
 _EvalStreamFields = create_model(
     "_EvalStreamFields",

@@ -301,11 +301,12 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _micro_step(self) -> tuple[torch.Tensor, dict[str, float], int, int]:
-        """Forward every stream's batch; returns (weighted loss, per-stream losses, samples, tokens)."""
+    def _micro_step(self) -> tuple[torch.Tensor, dict[str, float], int, int, int]:
+        """Forward every stream's batch; returns (weighted loss, per-stream losses, samples, tokens, positions):
+        tokens are the real ones, positions what the LM computed (padding included)."""
         total: Optional[torch.Tensor] = None
         parts: dict[str, float] = {}
-        samples = tokens = 0
+        samples = tokens = positions = 0
         for name, stream in self.streams.items():
             batch = move_batch(check_batch(name, stream.next()), self.device, self.dtype)
             out = self.engine(
@@ -320,7 +321,8 @@ class Trainer:
             parts[name] = float(out.loss.detach())
             samples += int(batch["input_ids"].shape[0])
             tokens += int(batch["attention_mask"].sum())
-        return total, parts, samples, tokens
+            positions += int(batch["attention_mask"].numel())
+        return total, parts, samples, tokens, positions
 
     def _grad_norm_before_step(self) -> Optional[float]:
         # DeepSpeed reports the norm itself with ZeRO / bf16; without them it is computed here (after the
@@ -334,7 +336,7 @@ class Trainer:
         """One optimizer step; returns its record (the same on every rank)."""
         gas = self.config.optim.grad_accum_steps
         names = list(self.streams)
-        sums = torch.zeros(4 + len(names), dtype=torch.float64)  # loss, non-finite flag, samples, tokens, parts
+        sums = torch.zeros(5 + len(names), dtype=torch.float64)  # loss, non-finite, samples, tokens, positions, parts
         window_bad = False
         grad_norm = None
         lr = self.optimizer.param_groups[0]["lr"]
@@ -343,10 +345,10 @@ class Trainer:
         longest = None if None in longest else max(longest)
         for micro in range(gas):
             with training_attention(self.device, longest):
-                loss, parts, samples, tokens = self._micro_step()
+                loss, parts, samples, tokens, positions = self._micro_step()
             finite = bool(torch.isfinite(loss.detach()))
             local = torch.tensor(
-                [float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0, samples, tokens]
+                [float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0, samples, tokens, positions]
                 + [parts[n] if finite else 0.0 for n in names],
                 dtype=torch.float64,
             )
@@ -382,9 +384,10 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "samples": int(sums[2]),
             "tokens": int(sums[3]),
+            "positions": int(sums[4]),  # tokens + padding: what the LM computed
         }
         for i, name in enumerate(names):
-            record[f"loss_{name}"] = None if window_bad else float(sums[4 + i] / denom)
+            record[f"loss_{name}"] = None if window_bad else float(sums[5 + i] / denom)
         return record
 
     # ------------------------------------------------------------------------------------------------ loop

@@ -246,8 +246,14 @@ class Flamingo(nn.Module):
                 media_mask = torch.ones(b, t, dtype=torch.bool, device=vision_x.device)
         if t == 0:
             return latents.new_zeros(b, 0, *latents.shape), media_mask
-        tokens = self.vision_encoder(vision_x.flatten(0, 2))  # (B*T_img*F, v, D)
-        tokens = tokens.reshape(b, t, f, *tokens.shape[1:])  # (B, T_img, F, v, D)
+        pixels = vision_x.flatten(0, 2)  # (B*T_img*F, C, H, W)
+        real = media_mask[:, :, None].expand(b, t, f).reshape(-1)
+        if bool(real.all()) or not bool(real.any()):
+            tokens = self.vision_encoder(pixels)  # (B*T_img*F, v, D)
+        else:  # padding slots (a batch of documents with fewer images than T_img) skip the tower
+            seen = self.vision_encoder(pixels[real])
+            tokens = seen.new_zeros(pixels.shape[0], *seen.shape[1:]).index_copy(0, real.nonzero().squeeze(1), seen)
+        tokens = tokens.reshape(b, t, f, *tokens.shape[1:])  # (B, T_img, F, v, D); absent media are masked below
         return self.perceiver(tokens, media_mask), media_mask  # (B, T_img, n, D)
 
     def forward(

@@ -344,7 +344,7 @@ def padding_fraction(batches: list[dict]) -> float:
 def test_group_by_length_cuts_padding_and_keeps_every_sample_once(varied_shards: Path, tokenizer) -> None:
     plain = make_loader(varied_shards, tokenizer, batch_size=5, seed=3)
     grouped = make_loader(varied_shards, tokenizer, batch_size=5, seed=3, group_by_length=4)
-    for epoch in range(2):
+    for _epoch in range(2):  # two epochs, two orders
         a, b = list(plain), list(grouped)
         assert len(b) == len(grouped) == len(a) == 14
         assert sorted(indices(b)) == list(range(70))  # a permutation of the epoch, nothing lost or repeated

@@ -189,8 +189,8 @@ def test_nonfinite_loss_is_skipped_and_counted(cache, tmp_path, monkeypatch):
     inner_step, inner_micro = trainer.train_step, trainer._micro_step
 
     def micro():
-        loss, parts, samples, tokens = inner_micro()
-        return (loss * float("nan") if trainer.step + 1 in (2, 3) else loss), parts, samples, tokens
+        loss, *counts = inner_micro()  # per-stream losses, samples, tokens, positions
+        return (loss * float("nan") if trainer.step + 1 in (2, 3) else loss, *counts)
 
     def step():
         record = inner_step()

@@ -72,10 +72,10 @@ def run_training(config, nan_at_steps: tuple[int, ...] = (), nan_rank: int = 0, 
         inner = trainer._micro_step
 
         def poisoned():
-            loss, parts, samples, tokens = inner()
+            loss, *counts = inner()  # per-stream losses, samples, tokens, positions
             if trainer.step + 1 in nan_at_steps and trainer.ctx.rank == nan_rank:
                 loss = loss * float("nan")
-            return loss, parts, samples, tokens
+            return (loss, *counts)
 
         trainer._micro_step = poisoned
     try:

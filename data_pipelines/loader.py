@@ -412,6 +412,12 @@ class _Core:
         """Slots per epoch of a finite iteration (one source, or ``samples_per_epoch``)."""
         return self.config.samples_per_epoch or self.rank_sizes[0]
 
+    def _caption_choice(self, source: int, epoch: int, sample_id: int) -> _CaptionChoice | None:
+        """How a pair's caption is picked: seeded among ``json["captions"]`` ("random"), or ``txt`` (None)."""
+        if self.config.caption_choice != "random":
+            return None
+        return _CaptionChoice(self.config.seed, source, epoch, sample_id)
+
     def token_counts(self, slots: Sequence[tuple[int, int]]) -> list[int]:
         """Token count of each slot's text, as the batch would tokenize it (images are not decoded; a sample that
         cannot be read counts 0 and is skipped when its batch is built)."""
@@ -422,10 +428,7 @@ class _Core:
             try:
                 raw = self.readers[source].read(ref)
                 if self.config.kind == "pairs":
-                    choose = None
-                    if self.config.caption_choice == "random":
-                        choose = _CaptionChoice(self.config.seed, source, epoch, sample_id)
-                    caption = pair_caption(raw, parse_json(raw) or {}, choose)
+                    caption = pair_caption(raw, parse_json(raw) or {}, self._caption_choice(source, epoch, sample_id))
                     texts.append(pair_text(caption, self.tokens.eos_token, self.config.caption_prefix))
                 else:
                     _, text_list, _, infos = document_layout(raw)
@@ -454,10 +457,7 @@ class _Core:
             try:
                 raw = self.readers[source].read(ref)
                 if self.config.kind == "pairs":
-                    choose = None
-                    if self.config.caption_choice == "random":
-                        choose = _CaptionChoice(self.config.seed, source, epoch, sample_id)
-                    pair = decode_pair(raw, choose)
+                    pair = decode_pair(raw, self._caption_choice(source, epoch, sample_id))
                     items.append(((self._transform(pair.image), pair.caption), {**meta, "json": pair.meta}))
                 else:
                     doc = decode_document(raw, self.config.max_images)

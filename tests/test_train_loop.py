@@ -69,6 +69,7 @@ def test_smoke_default_config_loss_falls(cache, tmp_path, capsys, monkeypatch):
         assert [r["step"] for r in train] == list(range(1, 31))
         assert all(r["samples"] == 20 and r["tokens"] > 20 and r["samples_per_s"] > 0 for r in train)
         assert all(r["positions"] >= r["tokens"] for r in train)  # real tokens + padding
+        assert sum(r["positions"] for r in train) > sum(r["tokens"] for r in train)  # the generated captions vary
         assert train[0]["lr"] == pytest.approx(config.optim.lr / 21)
         assert train[-1]["lr"] < train[20]["lr"]  # cosine decay after warmup
         assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in train)

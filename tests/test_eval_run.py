@@ -1,6 +1,7 @@
 """End-to-end evaluation on tiny models and data: batching, class scoring, the ablated control, the
 command line (results JSON, predictions, plot, table), VQA, classification and the OpenFlamingo route."""
 
+import copy
 import json
 import shutil
 import subprocess
@@ -160,6 +161,12 @@ def test_command_line_captioning_writes_results(model, tmp_path, capsys):
         assert d["difference"] == pytest.approx(means[a] - means[b], abs=1e-6)
         assert d["pairs"] == 8 and d["ci95"][0] <= d["difference"] <= d["ci95"][1]
     assert "paired differences" in printed and "| rices 2-shot - rices 0-shot | cider |" in printed
+    # each finished trial is kept in OUT/trials: a rerun of the command (after a kill) reads them back
+    assert len(list((out / "trials").glob("*.json"))) == 16 and "read back" not in printed
+    assert main(argv) == 0
+    assert "16 trial(s) read back from" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert [r["mean"] for r in again["runs"]] == [r["mean"] for r in res["runs"]]
 
 
 @pytest.mark.slow
@@ -279,3 +286,58 @@ def test_prompt_items_are_what_the_processor_takes(model):
     items = prompt_items("Output:x<|endofchunk|><image>Output:", [torch.zeros(3, 32, 32)])
     inputs = FlamingoProcessor(model.tokenizer)([items])
     assert inputs.vision_x.shape[:2] == (1, 1)
+
+
+def test_a_rerun_reuses_finished_trials_and_reruns_what_changed(model, flickr, tmp_path, monkeypatch):
+    """A killed evaluation resumes: finished trials are read back (same predictions and scores, no inference);
+    a missing, corrupt or stale trial (other generation settings, other model weights) runs again."""
+    import vlm.eval.runner as R
+
+    test, train = flickr
+    real, calls = R._run_prompts, []
+
+    def counting(task, model, processor, prompts, *args):
+        calls.append(args[-1])  # the trial's label
+        return real(task, model, processor, prompts, *args)
+
+    monkeypatch.setattr(R, "_run_prompts", counting)
+    trials = tmp_path / "trials"
+    kw = dict(shots=[0, 2], seeds=[0, 1], cache_dir=False, progress=False, max_new_tokens=6, trials_dir=trials)
+    first = E.evaluate_captioning(model, test, train, **kw)
+    assert len(calls) == 4 and first["resumed_trials"] == [] and len(list(trials.glob("*.json"))) == 4
+
+    calls.clear()
+    again = E.evaluate_captioning(model, test, train, **kw)
+    assert calls == [] and len(again["resumed_trials"]) == 4
+    for a, b in zip(first["runs"], again["runs"]):
+        assert a["mean"] == b["mean"]
+        assert [t["predictions"] for t in a["trials"]] == [t["predictions"] for t in b["trials"]]
+        assert [t["seconds"] for t in a["trials"]] == [t["seconds"] for t in b["trials"]]
+
+    # the kill happened during the second trial: its file is missing; another file was cut short
+    files = sorted(trials.glob("*.json"))
+    files[1].unlink()
+    files[2].write_text(files[2].read_text()[:20])
+    calls.clear()
+    resumed = E.evaluate_captioning(model, test, train, **kw)
+    assert len(calls) == 2 and len(resumed["resumed_trials"]) == 2
+    assert [r["mean"] for r in resumed["runs"]] == [r["mean"] for r in first["runs"]]
+
+    calls.clear()
+    E.evaluate_captioning(model, test, train, **{**kw, "max_new_tokens": 5})  # other generation settings
+    assert len(calls) == 4
+    calls.clear()
+    E.evaluate_captioning(model, test, train, **{**kw, "max_new_tokens": 5}, reuse_trials=False)  # same settings
+    assert len(calls) == 4
+    calls.clear()
+    E.evaluate_captioning(model, test, train, **{**kw, "max_new_tokens": 5}, model_info={"weights_digest": "other"})
+    assert len(calls) == 4
+    calls.clear()
+    E.evaluate_captioning(model, test, train, **{**kw, "max_new_tokens": 5}, num_samples=3)  # other samples
+    assert len(calls) == 4
+    calls.clear()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.requires_grad).add_(1e-3)  # other weights, same config
+    E.evaluate_captioning(other, test, train, **{**kw, "max_new_tokens": 5}, num_samples=3)
+    assert len(calls) == 4

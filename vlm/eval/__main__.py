@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--rows-per-call", type=int, default=64, help="classification: (query, class) rows per LM call")
     o.add_argument("--cache-dir", default=None, help="RICES features and extracted archives (~/.cache/vlm_eval)")
     o.add_argument("--out", default=None, help="output directory (default outputs/eval/<task>)")
+    o.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="run every trial again, ignoring the finished trials a killed run of this command left in OUT/trials",
+    )
     o.add_argument("--no-plot", action="store_true")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     return p  # fmt: skip
@@ -229,6 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dtype=args.dtype,
         allow_missing_output_rows=args.allow_missing_output_rows,
     )
+    out = Path(args.out or f"outputs/eval/{args.task}")
     results = evaluate(
         task,
         model,
@@ -247,16 +253,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows_per_call=args.rows_per_call,
         model_info=identity,
         progress=not args.quiet,
+        trials_dir=out / "trials",
+        reuse_trials=not args.no_resume,
     )
     if args.task == "captioning":
         results["data"]["dataset"] = args.dataset
-    out = Path(args.out or f"outputs/eval/{args.task}")
     path = write_results(results, out, plot=not args.no_plot)
     print(format_table(results))
     if results["paired_differences"]:
         print("paired differences (same samples; 95% bootstrap interval):")
         print(format_differences(results["paired_differences"]))
     print(f"batched inference: {results['images_per_s']:.1f} images/s (mean over trials)")
+    if results.get("resumed_trials"):
+        print(
+            f"{len(results['resumed_trials'])} trial(s) read back from {out / 'trials'}, finished by an earlier run "
+            "of this evaluation (--no-resume runs them again)"
+        )
     print(f"results: {path}")
     return 0
 

@@ -6,13 +6,23 @@ batches, post-process and score. ``ablate_images`` adds, for every mode, the sam
 image replaced by one constant image (the text-only control). The results end with the paired comparisons
 of :mod:`vlm.eval.compare`: every pair of shot counts and every setting against its ablated control, with a
 bootstrap interval over the shared samples.
+
+``trials_dir`` makes an evaluation resumable: each finished trial's raw outputs are written there as JSON (atomically)
+under a key that names everything its outputs depend on -- the model's identity (config, weights digest, device,
+dtype), the generation settings, the batch size, and every prompt's text and images. A rerun of the same evaluation
+reads a trial back instead of running it again, so a killed evaluation loses at most the trial it was in; a trial
+whose key differs in anything is run again and its file replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -71,12 +81,15 @@ def evaluate(
     rows_per_call: int = 64,
     model_info: Optional[dict] = None,
     progress: bool = True,
+    trials_dir: Optional[Union[str, os.PathLike]] = None,
+    reuse_trials: bool = True,
 ) -> dict[str, Any]:
     """Run the protocol; returns the results dictionary (see :func:`vlm.eval.report.write_results`).
 
     ``seeds`` (default 42, 43, 44, or the first ``trials`` of 42, 43, ...) seed the evaluated subset and
     the demonstrations of each trial. ``cache_dir`` holds RICES features (default ``~/.cache/vlm_eval``;
-    ``False`` disables the cache).
+    ``False`` disables the cache). ``trials_dir``: where finished trials are kept so that a rerun resumes (module
+    docstring); ``None`` keeps nothing; ``reuse_trials=False`` runs every trial again (and replaces the files).
     """
     modes = _modes(mode)
     if seeds is None:
@@ -118,6 +131,12 @@ def evaluate(
         }
         rices = (RICES(train, feats["train"]), feats["test"])
 
+    resume = None
+    if trials_dir is not None:
+        identity = dict(model_info or model_identity(model))
+        if not any(k in identity for k in ("weights_digest", "checkpoint_digest")):
+            identity["weights_digest"] = state_digest(model)  # a model built in Python: its weights name it
+        resume = TrialStore(Path(trials_dir), identity, task, batch_size, reuse=reuse_trials)
     kinds = [(m, False) for m in modes] + ([(m, True) for m in modes] if ablate_images else [])
     grey = constant_image(model.image_processor) if ablate_images else None
     runs = []
@@ -125,7 +144,7 @@ def evaluate(
         for k in shots:
             trials_out = [
                 _infer_trial(task, model, processor, test, train, k, seed, mode_name, ablated, rices, grey,
-                             num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress)
+                             num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress, resume)
                 for seed in seeds
             ]  # fmt: skip
             runs.append({"mode": mode_name, "ablate_images": ablated, "shots": k, "seeds": seeds, "trials": trials_out})
@@ -140,6 +159,9 @@ def evaluate(
         r["mean"], r["std"] = aggregate_trials([t["metrics"] for t in r["trials"]])
     differences = paired_differences(runs, task.sample_score, task.metric)
     speeds = [t["images_per_s"] for r in runs for t in r["trials"]]
+    resumed = [t["label"] for r in runs for t in r["trials"] if t.pop("resumed", False)]
+    for t in trials:
+        t.pop("label", None)
     return {
         "task": task.name,
         "metric": task.metric,
@@ -163,11 +185,78 @@ def evaluate(
         "runs": runs,
         "paired_differences": differences,
         "images_per_s": float(np.mean(speeds)) if speeds else None,
+        **({"resumed_trials": resumed} if resume is not None else {}),
     }
 
 
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TrialStore:
+    """Finished trials of one evaluation on disk (``<dir>/<trial label>.json``), keyed by what their outputs
+    depend on; see the module docstring. Files are plain JSON: reading one back runs no code."""
+
+    VERSION = 1
+
+    def __init__(self, directory: Path, model_identity: dict, task: Task, batch_size: int, reuse: bool = True):
+        self.directory = Path(directory)
+        self.reuse = reuse
+        self.fixed = {
+            "version": self.VERSION,
+            "model": model_identity,
+            "task": task.name,
+            "generation": task.generation_kwargs() if not isinstance(task, ClassificationTask) else None,
+            "normalize_length": getattr(task, "normalize_length", None),
+            "stop_words": list(task.stop_words),
+            "batch_size": batch_size,
+        }
+
+    def key(self, prompts: Sequence, ids: Sequence, ablated: bool) -> str:
+        """A digest of the fixed settings plus each prompt's text and image identities."""
+        h = hashlib.sha256(json.dumps(self.fixed, sort_keys=True, default=str).encode())
+        h.update(json.dumps({"ablated": ablated, "ids": list(ids)}, default=str).encode())
+        for p in prompts:
+            h.update(json.dumps([p.text, [None if im is None else str(im) for im in p.images]]).encode())
+        return h.hexdigest()
+
+    def path(self, label: str) -> Path:
+        return self.directory / (label.replace(" ", "_") + ".json")
+
+    def load(self, label: str, key: str) -> Optional[dict]:
+        """The stored trial (``outputs``, ``seconds``) when its key matches, else None (missing, stale, unreadable)."""
+        if not self.reuse:
+            return None
+        path = self.path(label)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("outputs"), list):
+            return None
+        return record
+
+    def check(self, record: dict, num_prompts: int) -> Optional[dict]:
+        """``record`` when it holds one output per prompt, else None."""
+        return record if len(record["outputs"]) == num_prompts else None
+
+    def save(self, label: str, key: str, outputs: list, seconds: float) -> None:
+        """Write atomically (a temporary file renamed over the old one): a kill leaves the old file or the new."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(label)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "label": label, "seconds": seconds, "outputs": outputs}))
+        os.replace(tmp, path)
+
+
 def _infer_trial(task, model, processor, test, train, k, seed, mode, ablated, rices, grey,
-               num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress) -> dict:  # fmt: skip
+               num_samples, query_set_size, batch_size, num_workers, rows_per_call, progress, resume=None) -> dict:  # fmt: skip
     indices = eval_indices(len(test), num_samples, seed)
     n_demos = k if k > 0 else ZERO_SHOT_DEMOS
     queries = [test[i] for i in indices]
@@ -180,24 +269,18 @@ def _infer_trial(task, model, processor, test, train, k, seed, mode, ablated, ri
     prompts = [task.build_prompt([train[j] for j in d], q, k, ablated) for q, d in zip(queries, demos)]
 
     label = f"{task.name} {mode}{' ablated' if ablated else ''} {k}-shot seed {seed}"
-    loader = prompt_loader(prompts, processor, batch_size, grey, num_workers)
-    outputs: list = []
-    start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=label, disable=not progress, leave=False) as bar:
-        offset = 0
-        for inputs in loader:
-            n = inputs.input_ids.shape[0]
-            if isinstance(task, ClassificationTask):
-                scores = class_log_likelihoods(
-                    model, inputs, [p.text for p in prompts[offset : offset + n]], task.class_names,
-                    model.tokenizer, task.normalize_length, rows_per_call,
-                )  # fmt: skip
-                outputs += torch.argsort(scores, dim=1, descending=True, stable=True).tolist()
-            else:
-                outputs += generate(model, inputs, model.tokenizer, **task.generation_kwargs())
-            offset += n
-            bar.update(n)
-    seconds = time.perf_counter() - start
+    key = None if resume is None else resume.key(prompts, [(q.id, d) for q, d in zip(queries, demos)], ablated)
+    stored = None if resume is None else resume.load(label, key)
+    stored = None if stored is None else resume.check(stored, len(prompts))
+    if stored is not None:
+        if progress:
+            print(f"{label}: reusing the finished trial in {resume.path(label)}")
+        outputs, seconds = stored["outputs"], float(stored["seconds"])
+    else:
+        outputs, seconds = _run_prompts(task, model, processor, prompts, batch_size, grey, num_workers,
+                                        rows_per_call, progress, label)  # fmt: skip
+        if resume is not None:
+            resume.save(label, key, outputs, seconds)
     if isinstance(task, ClassificationTask):
         scored = outputs  # class indices, best first
         predictions = [{"prediction": task.class_names[o[0]]} for o in outputs]
@@ -216,7 +299,31 @@ def _infer_trial(task, model, processor, test, train, k, seed, mode, ablated, ri
         "predictions": predictions,
         "queries": queries,
         "outputs": scored,
+        "label": label,
+        "resumed": stored is not None,
     }
+
+
+def _run_prompts(task, model, processor, prompts, batch_size, grey, num_workers, rows_per_call, progress, label):
+    """Raw outputs of one trial's prompts (generated texts, or class indices best first) and the seconds taken."""
+    loader = prompt_loader(prompts, processor, batch_size, grey, num_workers)
+    outputs: list = []
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc=label, disable=not progress, leave=False) as bar:
+        offset = 0
+        for inputs in loader:
+            n = inputs.input_ids.shape[0]
+            if isinstance(task, ClassificationTask):
+                scores = class_log_likelihoods(
+                    model, inputs, [p.text for p in prompts[offset : offset + n]], task.class_names,
+                    model.tokenizer, task.normalize_length, rows_per_call,
+                )  # fmt: skip
+                outputs += torch.argsort(scores, dim=1, descending=True, stable=True).tolist()
+            else:
+                outputs += generate(model, inputs, model.tokenizer, **task.generation_kwargs())
+            offset += n
+            bar.update(n)
+    return outputs, time.perf_counter() - start
 
 
 def _task_kwargs(cls, kwargs: dict) -> dict:

@@ -151,6 +151,11 @@ def worker(cache_dir: str, out_root: str, result_path: str) -> None:
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps(gathered))
+    # Every rank waits for the file, then the process group ends before the interpreter does: a gloo group left
+    # alive at exit aborts some processes ("terminate called without an active exception"), and the launcher
+    # then kills the others, sometimes before rank 0 has written its file.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

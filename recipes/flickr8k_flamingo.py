@@ -373,7 +373,8 @@ def plot_samples(path: Path, eval_dir: Path, setting: dict, title: str, rows: in
     lines = (eval_dir / setting["trials"][0]["predictions"]).read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()][: rows * cols]
     rows = max(1, math.ceil(len(records) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.6 * rows), squeeze=False)
+    # constrained layout makes room for each photo's caption lines (tight_layout let them run into the row above)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 5.2 * rows), squeeze=False, layout="constrained")
     for ax, rec in zip(axes.flat, [*records, *[None] * (rows * cols - len(records))]):
         ax.axis("off")
         if rec is None:
@@ -384,7 +385,6 @@ def plot_samples(path: Path, eval_dir: Path, setting: dict, title: str, rows: in
         ref = textwrap.fill(f"reference: {rec['references'][0]}", 44)
         ax.set_title(f"{gen}\n{ref}", fontsize=8.5, loc="left")
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

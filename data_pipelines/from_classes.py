@@ -43,14 +43,20 @@ def fill_template(template: str, name: str) -> str:
     return template.replace("{}", name)
 
 
-def list_class_tree(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(class folder names sorted, [(image path, label)] sorted) for ``root/<class>/<image>``."""
+def list_class_tree(root: str | Path, only: Sequence[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class folder names sorted, [(image path, label)] sorted) for ``root/<class>/<image>``; ``only``: a subset
+    of the class folders (an error names any that is missing)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"class tree root not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders (expected root/<class>/*.jpg)")
+    if only is not None:
+        missing = sorted(set(only) - set(classes))
+        if missing:
+            raise ValueError(f"classes {missing} are not class folders of {root}; it has {classes}")
+        classes = sorted(set(only))
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
@@ -68,13 +74,15 @@ def write_class_shards(
     shuffle_seed: int | None = 0,
     num_workers: int = 0,
     show_progress: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write shards of (image, templated class caption) pairs; returns the stats (also saved as JSON)."""
+    """Write shards of (image, templated class caption) pairs; returns the stats (also saved as JSON).
+    ``classes``: only these class folders (labels index them in sorted order)."""
     if not templates:
         raise ValueError("templates must hold at least one caption template such as 'a photo of a {}.'")
     for template in templates:
         fill_template(template, "x")  # validates
-    folders, files = list_class_tree(root)
+    folders, files = list_class_tree(root, classes)
     if class_names is None:
         names = [folder.replace("_", " ") for folder in folders]
     else:
@@ -129,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--shuffle-seed", type=int, default=0, help="seed of the write-order shuffle (default: %(default)s)"
     )
     parser.add_argument("--no-shuffle", action="store_true", help="keep class-sorted order")
+    parser.add_argument("--classes", nargs="+", default=None, help="only these class folders (default: all)")
     add_writer_arguments(parser, default_prefix="classes")
     args = parser.parse_args(argv)
     setup_cli_logging()
@@ -140,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
         num_workers=args.num_workers,
         show_progress=not args.no_progress,
+        classes=args.classes,
     )
     print(format_summary(stats))
     return stats

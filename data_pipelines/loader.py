@@ -33,6 +33,11 @@ consumed (``state_dict()["position"]``).
    the window's end), so a resumed run recomputes the window and continues with its next batch: the order stays a
    pure function of the position.
 
+Binding episodes (``kind="episodes"``, :mod:`data_pipelines.binding`): a slot is one episode, drawn as a pure
+function of (seed, source, rank, the slot's position in its source) from the source's labelled samples; its images
+are read, its text tokenized and the batch collated as interleaved documents. An episode with an unreadable image
+is skipped whole and counted like a sample. Its source's epoch is nominal (its number of samples).
+
 Within a batch, a sample that cannot be read or decoded (or whose transformed image holds NaN/Inf) is left out (the
 batch is smaller; an all-bad batch is not yielded) and counted; its slot is consumed all the same, so skips never shift
 the stream. A source whose last ``max_consecutive_skips`` samples were all skipped (every image corrupt, say) stops the
@@ -54,7 +59,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .binding import ClassIndex, EpisodeConfig, build_word_pool, draw_episode, episode_rng
 from .mixing import MixSchedule
 from .reader import ShardIndex, ShardReader, ShardSpec
 from .samples import (
@@ -87,14 +93,14 @@ from .tokenization import (
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["pairs", "documents"]
+Kind = Literal["pairs", "documents", "episodes"]
 ShuffleMode = Literal["samples", "shards", "none"]
 ImageTransform = Callable[[Any], torch.Tensor]  # PIL.Image -> (C, H, W)
 ORDER_STREAM = 0x6F72646572
 CAPTION_STREAM = 0x63617074
 GROUP_STREAM = 0x67726F7570
 STATE_VERSION = 1
-DEFAULT_MAX_LENGTH = {"pairs": 32, "documents": 256}  # OpenFlamingo's LAION / MMC4 settings
+DEFAULT_MAX_LENGTH = {"pairs": 32, "documents": 256, "episodes": 128}  # OpenFlamingo's LAION / MMC4 settings
 
 
 @dataclass
@@ -131,7 +137,8 @@ class LoaderConfig:
     """Configuration of a :class:`ShardLoader`; validated on creation (errors name the field and the value).
 
     sources: a shard spec (one source), or a list of SourceConfig / {"shards", "weight", "name"} dicts.
-    kind: "pairs" (``key.jpg`` + caption) or "documents" (interleaved, ``key.json`` + images).
+    kind: "pairs" (``key.jpg`` + caption), "documents" (interleaved, ``key.json`` + images) or "episodes" (binding
+        episodes composed from labelled pairs, :mod:`data_pipelines.binding`; one slot is one episode).
     batch_size: samples per batch (per rank). seed: seeds every random choice (order, mixing, caption choice).
     shuffle / resample / infinite / samples_per_epoch / even_split: see the module docstring.
     rank / world_size: this process's data-parallel rank. num_workers: DataLoader worker processes (0: in-process).
@@ -146,6 +153,8 @@ class LoaderConfig:
     group_by_length: batches per length-grouping window (1: no grouping; see the module docstring, item 5).
     max_consecutive_skips: stop with DataSourceError when this many samples of one source in a row were skipped
         (None: never stop).
+    episodes: kind "episodes" only: how episodes are drawn (:class:`data_pipelines.binding.EpisodeConfig`; None:
+        its defaults). Episodes never hold more than max_images images.
     """
 
     sources: Any
@@ -172,6 +181,7 @@ class LoaderConfig:
     return_metadata: bool = False
     group_by_length: int = 1
     max_consecutive_skips: int | None = 1000
+    episodes: EpisodeConfig | None = None
     source_configs: list[SourceConfig] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -179,7 +189,7 @@ class LoaderConfig:
         names = [s.name for s in self.source_configs]
         if len(set(names)) != len(names):
             raise ValueError(f"LoaderConfig.sources: source names must be unique, got {names}")
-        _check_choice("kind", self.kind, ("pairs", "documents"))
+        _check_choice("kind", self.kind, ("pairs", "documents", "episodes"))
         _check_choice("shuffle", self.shuffle, ("samples", "shards", "none"))
         _check_choice("padding", self.padding, ("longest", "max_length"))
         _check_choice("caption_choice", self.caption_choice, ("random", "first"))
@@ -205,6 +215,20 @@ class LoaderConfig:
             )
         if self.max_length is None:
             self.max_length = DEFAULT_MAX_LENGTH[self.kind]
+        if self.kind == "episodes":
+            if self.episodes is None:
+                self.episodes = EpisodeConfig()
+            elif isinstance(self.episodes, dict):
+                self.episodes = EpisodeConfig(**self.episodes)
+            if not isinstance(self.episodes, EpisodeConfig):
+                raise TypeError(f"LoaderConfig.episodes must be an EpisodeConfig, got {type(self.episodes).__name__}")
+            if self.episodes.min_images() > self.max_images:
+                raise ValueError(
+                    f"LoaderConfig.max_images must hold the smallest episode (ways min + queries min = "
+                    f"{self.episodes.min_images()} images), got {self.max_images!r}"
+                )
+        elif self.episodes is not None:
+            raise ValueError(f"LoaderConfig.episodes applies to kind 'episodes' only, got it for kind {self.kind!r}")
         _check_int("max_length", self.max_length, 4)
         if self.samples_per_epoch is not None:
             _check_int("samples_per_epoch", self.samples_per_epoch, 1)
@@ -307,7 +331,7 @@ class _Core:
         self.tokenizer = tokenizer
         self.transform = image_transform
         self.tokens = FlamingoTokens.from_tokenizer(tokenizer)
-        is_complete = pair_is_complete if config.kind == "pairs" else document_is_complete
+        is_complete = document_is_complete if config.kind == "documents" else pair_is_complete
         self.names = [s.name for s in config.source_configs]
         self.indexes = [ShardIndex.build(s.shards, is_complete) for s in config.source_configs]
         self.readers = [ShardReader(index.paths) for index in self.indexes]
@@ -328,6 +352,30 @@ class _Core:
         self._orders: dict[tuple[int, int], np.ndarray] = {}
         for source in range(len(self.indexes)):
             self._check_kind(source)
+        self.classes: list[ClassIndex] = []
+        self.words: tuple[str, ...] = ()
+        if config.kind == "episodes":
+            episodes = config.episodes
+            assert episodes is not None
+            self.classes = [self._class_index(source) for source in range(len(self.indexes))]
+            self.words = build_word_pool(tokenizer, episodes.word_pool_size, episodes.word_max_tokens).train
+
+    def _class_index(self, source: int) -> ClassIndex:
+        """The classes of a labelled source, from every sample's json (unreadable ones are left out)."""
+        metas: list[dict | None] = []
+        for ref in self.indexes[source].samples:
+            try:
+                metas.append(parse_json({"json": self.readers[source].read_member(ref, "json")}))
+            except (SampleSkip, OSError, KeyError):
+                metas.append(None)
+        assert self.config.episodes is not None
+        return ClassIndex.build(metas, self.config.episodes, self.names[source])
+
+    def episode(self, source: int, position: int):
+        """Episode ``position`` of ``source`` on this rank (a pure function of seed, source, rank, position)."""
+        rng = episode_rng(self.config.seed, source, self.config.rank, position)
+        assert self.config.episodes is not None
+        return draw_episode(rng, self.classes[source], self.words, self.config.episodes, self.config.max_images)
 
     def _check_kind(self, source: int) -> None:
         """Fail at start-up when a source's first sample is obviously not of the configured kind."""
@@ -427,6 +475,9 @@ class _Core:
             ref = self.indexes[source].samples[sample_id]
             try:
                 raw = self.readers[source].read(ref)
+                if self.config.kind == "episodes":
+                    texts.append(self.episode(source, position).text + self.tokens.eos_token)
+                    continue
                 if self.config.kind == "pairs":
                     caption = pair_caption(raw, parse_json(raw) or {}, self._caption_choice(source, epoch, sample_id))
                     texts.append(pair_text(caption, self.tokens.eos_token, self.config.caption_prefix))
@@ -444,6 +495,8 @@ class _Core:
         skipped: list[tuple[str, str, str, str]] = []  # (reason, source, key, detail)
         dropped: list[str] = []
         items: list[tuple[Any, dict]] = []
+        if self.config.kind == "episodes":
+            return self._episode_batch(slots, end)
         for source, position in slots:
             sample_id, epoch = self.locate(source, position)
             ref = self.indexes[source].samples[sample_id]
@@ -475,6 +528,46 @@ class _Core:
             batch = self._collate_documents(items, skipped, dropped)
         delivered = Counter(meta["source"] for _, meta in items)
         delivered.subtract(Counter(source for _, source, _, _ in skipped[before:]))  # dropped while collating
+        bookkeeping = {
+            "end": end,
+            "skipped": skipped,
+            "dropped_images": dropped,
+            "delivered": {name: n for name, n in delivered.items() if n > 0},
+        }
+        return batch, bookkeeping
+
+    def _episode_batch(
+        self, slots: Sequence[tuple[int, int]], end: int
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The batch of episode slots: each episode's images read and transformed; an episode with an unreadable
+        image is skipped whole (and counted)."""
+        skipped: list[tuple[str, str, str, str]] = []
+        dropped: list[str] = []
+        items: list[tuple[Any, dict]] = []
+        for source, position in slots:
+            episode = self.episode(source, position)
+            key = f"episode:{position}"
+            meta = {"source": self.names[source], "key": key, "position": position, "classes": episode.classes,
+                    "words": episode.words, "labels": episode.labels, "num_queries": episode.num_queries,
+                    "sample_ids": episode.sample_ids}  # fmt: skip
+            ref = None
+            try:
+                images = []
+                for sample_id in episode.sample_ids:
+                    ref = self.indexes[source].samples[sample_id]
+                    raw = self.readers[source].read(ref)
+                    images.append(self._transform(decode_pair(raw, None).image))
+            except SampleSkip as skip:
+                skipped.append((skip.reason, self.names[source], f"{key} ({getattr(ref, 'key', '?')})", skip.detail))
+                continue
+            except OSError as err:
+                skipped.append(("read_error", self.names[source], f"{key} ({getattr(ref, 'key', '?')})", str(err)))
+                continue
+            items.append(((images, episode.text + self.tokens.eos_token), meta))
+        before = len(skipped)
+        batch = self._collate_texts(items, skipped, dropped)
+        delivered = Counter(meta["source"] for _, meta in items)
+        delivered.subtract(Counter(source for _, source, _, _ in skipped[before:]))
         bookkeeping = {
             "end": end,
             "skipped": skipped,
@@ -518,6 +611,12 @@ class _Core:
 
     def _collate_documents(self, items: list, skipped: list, dropped: list) -> dict[str, Any] | None:
         texts = [document_text(doc.text_list, doc.image_sentences, self.tokens.eos_token) for (_, doc), _ in items]
+        return self._collate_texts([((images, text), meta) for ((images, _), meta), text in zip(items, texts)],
+                                   skipped, dropped)  # fmt: skip
+
+    def _collate_texts(self, items: list, skipped: list, dropped: list) -> dict[str, Any] | None:
+        """Interleaved batches from ((images, text with one <image> per image), meta) items."""
+        texts = [text for (_, text), _ in items]
         ids, image_counts = tokenize_documents(self.tokenizer, texts, self.tokens, self.config.max_length)
         kept: list[tuple[list[int], list[torch.Tensor], dict]] = []
         for row, count, ((images, _), meta) in zip(ids, image_counts, items):
@@ -741,6 +840,7 @@ class ShardLoader:
             "world_size": self.config.world_size,
             "kind": self.config.kind,
             "group_by_length": self.config.group_by_length,
+            "episodes": _plain(asdict(self.config.episodes)) if self.config.episodes is not None else None,
             "sources": [
                 {"name": name, "num_samples": len(index), "weight": source.weight}
                 for name, index, source in zip(self._core.names, self._core.indexes, self.config.source_configs)
@@ -753,12 +853,12 @@ class ShardLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version must be {STATE_VERSION}, got {state.get('version')!r}")
         current = self.state_dict()
-        state = {"group_by_length": 1, **state}  # states saved before length grouping existed
-        for name in ("seed", "world_size", "kind", "group_by_length", "sources"):
+        state = {"group_by_length": 1, "episodes": None, **state}  # states saved before these existed
+        for name in ("seed", "world_size", "kind", "group_by_length", "episodes", "sources"):
             if state.get(name) != current[name]:
                 raise ValueError(
                     f"loader state does not match this loader: {name} is {state.get(name)!r} in the state but "
-                    f"{current[name]!r} here (resume needs the same data, seed, world size and length grouping)"
+                    f"{current[name]!r} here (resume needs the same data, seed, world size, length grouping and episode settings)"
                 )
         position = state.get("position")
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:
@@ -767,6 +867,15 @@ class ShardLoader:
             next(self._core.plan(position, self._epoch_end(position)), None)  # at a batch boundary of its window?
         self._position = position
         self._counts = Counter(state.get("counters", {}))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as a state that went through JSON holds them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _shards_text(paths: Sequence[Path], shown: int = 2) -> str:

@@ -325,6 +325,14 @@ class ShardReader:
             out[ext] = data
         return out
 
+    def read_member(self, sample: SampleRef, ext: str) -> bytes:
+        """One member of a sample (KeyError when it has none)."""
+        offset, size = sample.members[ext]
+        data = os.pread(self._fd(sample.shard), size, offset)
+        if len(data) != size:
+            raise OSError(f"short read of {sample.key}.{ext} in {self.paths[sample.shard]}")
+        return data
+
     def close(self) -> None:
         if self._pid == os.getpid():
             for fd in self._files.values():

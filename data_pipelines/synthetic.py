@@ -57,7 +57,7 @@ PREPOSITIONS: dict[str, str] = {
 }
 NUMBER_WORDS: tuple[str, ...] = ("", "a", "two", "three", "four")
 SHAPE_PADDING = 0.1  # fraction of a cell quarter kept free on each side of a shape
-SPLITS: dict[str, int] = {"pairs": 1, "docs": 2, "val_pairs": 3}
+SPLITS: dict[str, int] = {"pairs": 1, "docs": 2, "val_pairs": 3, "classes": 4}
 MANIFEST = "synthetic.json"
 FORMAT_VERSION = 1
 
@@ -316,6 +316,41 @@ def ensure_synthetic_dataset(
             shards = manifest["shards"]
             return SyntheticDataset(root, shards["pairs"], shards["documents"], shards["val_pairs"], manifest)
     return generate_synthetic_dataset(root, config, show_progress=show_progress, overwrite=True)
+
+
+def scene_classes() -> list[tuple[str, str]]:
+    """The classes of one-group scenes: every (colour, shape)."""
+    return [(colour, shape) for colour in COLOURS for shape in SHAPES]
+
+
+def write_scene_classes(
+    out_dir: str | Path, per_class: int = 60, seed: int = 0, image_size: int = 64, max_count: int = 3
+) -> Path:
+    """A class tree of one-group scenes, ``out_dir/test/<colour>_<shape>/NNNN.png`` (class "red circle": any count
+    and position), from its own seed stream (never a scene of the training splits). Written once; returns
+    ``out_dir``. This is the ``synthetic`` data of ``python -m vlm.eval binding``."""
+    root = Path(out_dir)
+    params = {"format_version": FORMAT_VERSION, "per_class": per_class, "seed": seed, "image_size": image_size,
+              "max_count": max_count}  # fmt: skip
+    manifest = root / "scene_classes.json"
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()) == params:
+                return root
+        except json.JSONDecodeError:
+            pass
+    manifest.unlink(missing_ok=True)
+    for c, (colour, shape) in enumerate(scene_classes()):
+        folder = root / "test" / f"{colour}_{shape}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, SPLITS["classes"], c, i])
+            group = Group(
+                shape, colour, int(rng.integers(1, max_count + 1)), POSITIONS[int(rng.integers(len(POSITIONS)))]
+            )
+            render_scene([group], rng, image_size).save(folder / f"{i:04d}.png")
+    manifest.write_text(json.dumps(params))
+    return root
 
 
 def main(argv: Sequence[str] | None = None) -> SyntheticDataset:

@@ -18,7 +18,12 @@ bases, and few-shot evaluation -- each step the project's own command, run as a 
 3. Evaluation: ``python -m vlm.eval captioning --dataset flickr`` of the exported model on the test split: shots
    ``--shots``, random and RICES demonstrations, and the image-ablated control of each; ``--num-samples`` test
    images per trial (drawn by the trial's seed, the same images for every setting of that trial).
-4. ``OUT/results.json`` (every setting's CIDEr and BLEU-4, mean / std / trials, the training summary, the targets,
+4. With ``--binding-data`` (CIFAR-10, ``../shared/data/cifar10.tar.gz``): the model also trains on binding episodes
+   (``data.episodes``, :mod:`data_pipelines.binding`) of the *training* photos of ``--binding-train-classes``
+   (shards by ``python -m data_pipelines.from_classes``), and ``python -m vlm.eval binding`` evaluates it on the
+   *test* photos of the classes it never saw (``--binding-test-classes``) and of those it saw, with evaluation-pool
+   words, open-ended and closed, with the 0-shot, image-ablated and prototype controls.
+5. ``OUT/results.json`` (every setting's CIDEr and BLEU-4, mean / std / trials, the training summary, the targets,
    the commands and their durations), ``OUT/samples.png`` (test photos with the generated caption and a reference),
    ``OUT/loss_curve.png`` (the training run's loss curve).
 
@@ -152,7 +157,32 @@ def write_shards(args, flickr: dict, shard_dir: Path, prefix: str) -> dict[str, 
         stats[name] = {"samples": s["samples_written"], "skipped": s["samples_skipped"], "shards": s["shards_written"]}
         if "images_written" in s:
             stats[name]["images"] = s["images_written"]
+    if args.binding_data is not None:
+        train_root = binding_root(args, "train")
+        steps.append(
+            run_command(
+                [sys.executable, "-m", "data_pipelines.from_classes", "--root", str(train_root),
+                 "--classes", *args.binding_train_classes, "--out", str(shard_dir / "binding_train"),
+                 "--prefix", "binding-train", "--overwrite", *quiet],
+                args.out / "logs" / "shards_binding_train.log",
+                "shards: binding classes",
+            )
+        )  # fmt: skip
+        s = json.loads((shard_dir / "binding_train" / "binding-train_stats.json").read_text())
+        stats["binding_train"] = {"samples": s["samples_written"], "skipped": s["samples_skipped"],
+                                  "shards": s["shards_written"], "classes": list(args.binding_train_classes)}  # fmt: skip
     return {"steps": steps, "stats": stats, "seconds": round(sum(s["seconds"] for s in steps), 1)}
+
+
+def binding_root(args, split: str) -> Path:
+    """The ``split`` folder (train / test) of the binding class tree (a tar is extracted once into the cache)."""
+    from vlm.eval.datasets import resolve_data_path
+
+    base = resolve_data_path(args.binding_data, args.cache_dir)
+    hits = [base / split] if (base / split).is_dir() else sorted(p for p in base.glob(f"*/{split}") if p.is_dir())
+    if len(hits) != 1:
+        raise SystemExit(f"--binding-data {args.binding_data}: expected one {split}/ folder of classes, found {hits}")
+    return hits[0]
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -194,6 +224,11 @@ def training_command(args, shard_dir: Path, prefix: str, threads: int) -> tuple[
         f"data.pairs.sources={yaml_value([{'shards': str(shard_dir / 'train_pairs'), 'name': 'flickr8k_pairs'}])}",
         f"data.documents.sources={yaml_value([{'shards': str(shard_dir / 'train_docs'), 'name': 'flickr8k_docs'}])}",
         f"data.val.shards={yaml_value(str(shard_dir / 'dev_pairs'))}",
+        (
+            f"data.episodes.sources={yaml_value([{'shards': str(shard_dir / 'binding_train'), 'name': 'binding_episodes'}])}"
+            if args.binding_data is not None
+            else "data.episodes=null"
+        ),
         f"data.pairs.caption_prefix={yaml_value(prefix)}",
         f"data.val.caption_prefix={yaml_value(prefix)}",
         "eval.final_few_shot=false",  # the evaluation is vlm.eval's
@@ -362,6 +397,87 @@ def summarize_eval(results: dict, num_test: int) -> dict[str, Any]:
     }
 
 
+def binding_command(args, split_name: str, classes: list[str]) -> list[str]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cmd = [sys.executable, "-m", "vlm.eval", "binding", "--data", str(args.binding_data), "--split", "test",
+           "--classes", *classes, "--model-dir", str(args.out / "train" / "export"),
+           "--ways", *map(str, args.binding_ways), "--shots", *map(str, args.binding_shots),
+           "--episodes", str(args.binding_episodes if split_name == "unseen" else args.binding_seen_episodes),
+           "--trials", str(args.binding_trials),
+           "--batch-size", str(args.eval_batch_size), "--device", device,
+           "--dtype", eval_dtype(args.eval_dtype, device), "--out", str(args.out / f"eval_binding_{split_name}")]  # fmt: skip
+    if args.binding_no_closed_form:
+        cmd.append("--no-closed-form")
+    if args.cache_dir is not None:
+        cmd += ["--cache-dir", str(args.cache_dir)]
+    if args.no_progress:
+        cmd.append("--quiet")
+    return cmd
+
+
+# Frozen (Tsimpoukelli et al. 2021, Table 2, open-ended miniImageNet, no task induction, 1 repeat): 2-way 1-shot
+# 29.0%, 3-shot 28.7% ... and 5-way about chance; with task induction 53.4 / 58.9%. For the README's table.
+FROZEN_REFERENCE = {"2-way 1-shot": 29.0, "2-way 1-shot, task induction": 53.4}
+
+
+def summarize_binding(results: dict) -> dict[str, Any]:
+    """Per (ways, shots): open-ended and closed accuracy (mean, std), the ablated control, prototype, chance."""
+    rows = []
+    ablated = {(r["ways"], r["shots"]): r for r in results["runs"] if r["ablate_images"]}
+    for r in results["runs"]:
+        if r["ablate_images"]:
+            continue
+        a = ablated.get((r["ways"], r["shots"]))
+        proto = results.get("prototype", {}).get(f"{r['ways']}-way", {}).get(str(r["shots"]))
+        rows.append({
+            "ways": r["ways"], "shots": r["shots"], "episodes": r["num_samples"], "trials": len(r["trials"]),
+            "open_ended": r["mean"]["accuracy"], "open_ended_std": r["std"]["accuracy"],
+            "closed": r["mean"].get("closed_accuracy"),
+            "ablated_open_ended": None if a is None else a["mean"]["accuracy"],
+            "ablated_closed": None if a is None else a["mean"].get("closed_accuracy"),
+            "prototype": None if proto is None else proto["mean"],
+            "chance": 100.0 / r["ways"],
+        })  # fmt: skip
+    return {"classes": results["data"]["classes"], "settings": rows,
+            "paired_differences": results.get("paired_differences", [])}  # fmt: skip
+
+
+def binding_targets(unseen: dict, seen: Optional[dict]) -> dict[str, Any]:
+    """The reference run's binding targets, each True/False with the numbers it compares."""
+    by = {(s["ways"], s["shots"]): s for s in unseen["settings"]}
+    out: dict[str, Any] = {}
+    out["at_least_prototype_every_setting"] = {
+        f"{w}-way {k}-shot": {"open_ended": s["open_ended"], "prototype": s["prototype"], "met": s["open_ended"] >= s["prototype"]}
+        for (w, k), s in sorted(by.items()) if s["prototype"] is not None
+    }  # fmt: skip
+    for (w, k), goal in (((2, 1), 85.0), ((4, 1), 65.0)):
+        if (w, k) in by:
+            out[f"{w}-way {k}-shot >= {goal:g}"] = {
+                "value": by[(w, k)]["open_ended"],
+                "met": by[(w, k)]["open_ended"] >= goal,
+            }
+    for w in sorted({w for w, _ in by}):
+        if (w, 1) in by and (w, 3) in by:
+            out[f"{w}-way 3-shot > 1-shot"] = {"values": [by[(w, 3)]["open_ended"], by[(w, 1)]["open_ended"]],
+                                               "met": by[(w, 3)]["open_ended"] > by[(w, 1)]["open_ended"]}  # fmt: skip
+    out["ablated_within_5_of_chance"] = {
+        f"{w}-way {k}-shot": {"ablated": s["ablated_open_ended"], "chance": s["chance"],
+                              "met": s["ablated_open_ended"] is not None and abs(s["ablated_open_ended"] - s["chance"]) <= 5}
+        for (w, k), s in sorted(by.items()) if k > 0
+    }  # fmt: skip
+    out["zero_shot_open_ended"] = {f"{w}-way": s["open_ended"] for (w, k), s in sorted(by.items()) if k == 0}
+    if seen is not None:
+        seen_by = {(s["ways"], s["shots"]): s for s in seen["settings"]}
+        out["seen_at_least_unseen"] = {
+            f"{w}-way {k}-shot": {"seen": seen_by[(w, k)]["open_ended"], "unseen": s["open_ended"],
+                                  "met": seen_by[(w, k)]["open_ended"] >= s["open_ended"]}
+            for (w, k), s in sorted(by.items()) if (w, k) in seen_by and k > 0
+        }  # fmt: skip
+    return out
+
+
 def plot_samples(path: Path, eval_dir: Path, setting: dict, title: str, rows: int = 3, cols: int = 4) -> None:
     """A grid of test photos, each with the generated caption and its first reference caption."""
     import matplotlib
@@ -440,9 +556,36 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--cache-dir", type=Path, default=None, help="vlm.eval cache (extracted tar, RICES features)")
     p.add_argument("--seed", type=int, default=0, help="seed of the documents")
+    p.add_argument("--binding-data", type=Path, default=None,
+                   help="class tree with train/ and test/ (CIFAR-10's tar): train on binding episodes, evaluate binding")  # fmt: skip
+    p.add_argument(
+        "--binding-train-classes", nargs="+", default=["airplane", "automobile", "bird", "dog", "frog", "horse"]
+    )
+    p.add_argument("--binding-test-classes", nargs="+", default=["cat", "deer", "ship", "truck"],
+                   help="classes never trained on (their test photos)")  # fmt: skip
+    p.add_argument("--binding-ways", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--binding-shots", type=int, nargs="+", default=[0, 1, 3, 5])
+    p.add_argument("--binding-episodes", type=int, default=500, help="episodes per number of ways and trial")
+    p.add_argument("--binding-seen-episodes", type=int, default=None,
+                   help="episodes for the trained classes (default: --binding-episodes)")  # fmt: skip
+    p.add_argument("--binding-trials", type=int, default=1)
+    p.add_argument("--binding-no-closed-form", action="store_true",
+                   help="open-ended scoring only (the closed form scores every word with a full forward: ~3x slower)")  # fmt: skip
+    p.add_argument("--skip-captioning-eval", action="store_true", help="evaluate binding only (with --binding-data)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.data, args.out = args.data.resolve(), args.out.resolve()
+    if args.binding_data is not None:
+        args.binding_data = args.binding_data.resolve()
+        if not args.binding_data.exists():
+            raise SystemExit(f"--binding-data {args.binding_data} does not exist")
+        if args.binding_seen_episodes is None:
+            args.binding_seen_episodes = args.binding_episodes
+        overlap = set(args.binding_train_classes) & set(args.binding_test_classes)
+        if overlap:
+            raise SystemExit(f"--binding-test-classes must be classes never trained on; {sorted(overlap)} are in both")
+    elif args.skip_captioning_eval:
+        raise SystemExit("--skip-captioning-eval leaves nothing to evaluate without --binding-data")
     if not args.data.exists():
         raise SystemExit(f"--data {args.data} does not exist")
     if args.budget_cpu_seconds is not None and args.budget_cpu_seconds <= 0:
@@ -497,6 +640,11 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "doc_images": list(args.doc_images),
         "seed": args.seed,
         "prefix": prefix,
+        **(
+            {}
+            if args.binding_data is None
+            else {"binding_data": str(args.binding_data), "binding_train_classes": list(args.binding_train_classes)}
+        ),
     }
     shards_record = args.out / "shards" / "recipe_shards.json"
     shards = json.loads(shards_record.read_text()) if shards_record.is_file() else None
@@ -527,6 +675,33 @@ def run(args: argparse.Namespace, command: str) -> dict:
     if curve.is_file():
         shutil.copyfile(curve, args.out / "loss_curve.png")
 
+    binding: Optional[dict[str, Any]] = None
+    if args.binding_data is not None:
+        binding = {"commands": {}, "seconds": {}}
+        for name, classes in (("unseen", args.binding_test_classes), ("seen", args.binding_train_classes)):
+            step = run_command(binding_command(args, name, list(classes)), args.out / "logs" / f"binding_{name}.log",
+                               f"binding evaluation: {name} classes")  # fmt: skip
+            binding[name] = summarize_binding(
+                json.loads((args.out / f"eval_binding_{name}" / "results.json").read_text())
+            )
+            binding["commands"][name], binding["seconds"][name] = step["command"], step["seconds"]
+            plot = args.out / f"eval_binding_{name}" / "binding_shots.png"
+            if plot.is_file():
+                shutil.copyfile(plot, args.out / f"binding_{name}.png")
+        binding["targets"] = binding_targets(binding["unseen"], binding["seen"])
+        binding["frozen_reference"] = FROZEN_REFERENCE
+        print("\nbinding (CIFAR-10 test photos, evaluation-pool words, open-ended %):")
+        for name in ("unseen", "seen"):
+            print_table(["classes", "ways", "shots", "open-ended", "closed", "ablated", "prototype", "chance"],
+                        [[name, s["ways"], s["shots"], f"{s['open_ended']:.1f}",
+                          "-" if s["closed"] is None else f"{s['closed']:.1f}",
+                          "-" if s["ablated_open_ended"] is None else f"{s['ablated_open_ended']:.1f}",
+                          "-" if s["prototype"] is None else f"{s['prototype']:.1f}", f"{s['chance']:.1f}"]
+                         for s in binding[name]["settings"]])  # fmt: skip
+        save_json(args.out / "binding_results.json", binding)
+    if args.skip_captioning_eval:
+        print(f"wrote {args.out / 'binding_results.json'}")
+        return {"binding": binding}
     evaluation = run_command(evaluation_command(args, num_test), args.out / "logs" / "eval.log", "evaluation")
     eval_results = json.loads((args.out / "eval" / "results.json").read_text())
     scores = summarize_eval(eval_results, num_test)
@@ -548,6 +723,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "cpu_seconds": training["cpu_seconds"],
         },
         "evaluation": {**scores, "wall_seconds": evaluation["seconds"], "cpu_seconds": evaluation["cpu_seconds"]},
+        "binding": binding,
         "commands": {
             "shards": [s["command"] for s in shards["steps"]],
             "train": training["command"],

@@ -48,7 +48,7 @@ __all__ = ["ConfigError", "Section", "TrainConfig", "load_config"]
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SPLITS = ("pairs", "documents", "val_pairs")
-STREAMS = ("pairs", "documents")
+STREAMS = ("pairs", "documents", "episodes")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -257,13 +257,17 @@ _StreamFields = create_model(
 
 
 class StreamConfig(_StreamFields, _LoaderOptions):
-    """One training stream (image-text pairs or interleaved documents): weighted sources mixed into batches.
+    """One training stream (image-text pairs, interleaved documents or binding episodes): weighted sources mixed
+    into batches.
 
     Every field but ``loss_weight`` is a :class:`data_pipelines.LoaderConfig` field (see there: batch_size per rank
     and micro-step, max_length, max_images / min_images, shuffle / resample, num_workers, caption_prefix,
     max_consecutive_skips, ...). sources: a shard spec, or a list of shard specs and
     ``{shards, weight, name}`` mappings (:class:`data_pipelines.SourceConfig`), one source each; ``synthetic:<split>``
     reads the generated dataset. loss_weight multiplies this stream's loss (OpenFlamingo's loss_multiplier_*).
+    episodes (the episodes stream only): how binding episodes are drawn from its labelled sources
+    (:class:`data_pipelines.binding.EpisodeConfig`: ways, shots, queries, real_names, task_induction, template,
+    classes, word pool).
     """
 
     LOADER_FIELDS: ClassVar[tuple[str, ...]] = tuple(_StreamFields.model_fields)[1:]
@@ -282,7 +286,7 @@ class StreamConfig(_StreamFields, _LoaderOptions):
 # LoaderConfig's fields the evaluation protocol sets: the held-out pairs in written order, their first caption
 EVAL_LOADER_FIELDS = (
     *TRAINER_LOADER_FIELDS,
-    *("shuffle", "resample", "caption_choice", "max_images", "min_images", "group_by_length"),
+    *("shuffle", "resample", "caption_choice", "max_images", "min_images", "group_by_length", "episodes"),
 )
 _EvalStreamFields = create_model(
     "_EvalStreamFields",
@@ -306,6 +310,10 @@ class EvalStreamConfig(_EvalStreamFields, _LoaderOptions):
 class DataConfig(Section):
     """Training streams (each optional, at least one), held-out pairs, and the generated dataset.
 
+    pairs: image-text pairs; documents: interleaved documents; episodes: binding episodes composed on the fly from
+    labelled pairs (class-tree shards, or ``synthetic:pairs`` whose one-group scenes are "<colour> <shape>"
+    classes), off by default.
+
     A source written ``synthetic:<split>`` (pairs, documents, val_pairs) reads the dataset generated from
     ``synthetic`` (:class:`data_pipelines.SyntheticConfig`) into ``cache_dir`` (generated only once).
     """
@@ -316,6 +324,7 @@ class DataConfig(Section):
     documents: Optional[StreamConfig] = Field(
         default_factory=lambda: StreamConfig(sources="synthetic:documents", batch_size=4, max_length=96, max_images=4)
     )
+    episodes: Optional[StreamConfig] = None
     val: Optional[EvalStreamConfig] = Field(default_factory=EvalStreamConfig)
     synthetic: Optional[SyntheticConfig] = Field(
         default_factory=lambda: SyntheticConfig(num_docs=600, num_val_pairs=96)
@@ -324,8 +333,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.pairs is None and self.documents is None:
-            raise invalid("", "at least one of data.pairs and data.documents must be set")
+        if self.pairs is None and self.documents is None and self.episodes is None:
+            raise invalid("", "at least one of data.pairs, data.documents and data.episodes must be set")
         sizes = {"pairs": 1, "documents": 1, "val_pairs": 1}
         if self.synthetic is not None:
             sizes = {"pairs": 1, "documents": self.synthetic.num_docs, "val_pairs": self.synthetic.num_val_pairs}

@@ -90,7 +90,7 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 
 def build_deepspeed_config(config: TrainConfig, base: dict[str, Any]) -> dict[str, Any]:
     """The full DeepSpeed config: the JSON's settings plus what the training config owns."""
-    streams = [s for s in (config.data.pairs, config.data.documents) if s is not None]
+    streams = [s for s in (config.data.pairs, config.data.documents, config.data.episodes) if s is not None]
     out = dict(base)
     out.update(
         {

@@ -1,14 +1,17 @@
 """Few-shot evaluation of Flamingo models with OpenFlamingo's protocol: captioning (CIDEr, BLEU-4),
 VQA (VQA accuracy) and classification (top-1/top-5 by class-name likelihood), with random or RICES
-demonstrations and an image-ablated control. Command line: ``python -m vlm.eval --help``.
+demonstrations and an image-ablated control; and Frozen's fast-binding test of learning from the prompt
+(``evaluate_binding``: made-up class words, open-ended and closed, with 0-shot, ablated and prototype controls). Command line: ``python -m vlm.eval --help``.
 """
 
+from .binding import BindingTask, evaluate_binding, format_binding_table, plot_binding
 from .compare import format_differences, paired_difference, paired_differences
 from .datasets import (
     CaptionSample,
     ClassificationSample,
     EvalDataset,
     VQASample,
+    load_class_tree,
     load_flickr,
     load_image_folder,
     load_karpathy,
@@ -25,6 +28,11 @@ from .vqa_metric import normalize_vqa_answer, vqa_accuracy, vqa_question_accurac
 
 __all__ = [
     "RICES",
+    "BindingTask",
+    "evaluate_binding",
+    "format_binding_table",
+    "load_class_tree",
+    "plot_binding",
     "CaptionSample",
     "CaptioningTask",
     "ClassificationSample",

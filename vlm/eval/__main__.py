@@ -3,11 +3,16 @@
     python -m vlm.eval captioning --dataset flickr --data ../shared/data/flickr8k.tar \\
         --model-dir outputs/tiny/export --shots 0 4 8 --trials 3 --modes random rices --ablate-images \\
         --num-samples 500 --out outputs/eval/flickr8k
+    python -m vlm.eval binding --data ../shared/data/cifar10.tar.gz --classes cat deer ship truck \\
+        --model-dir outputs/flickr8k/train/export --ways 2 4 --shots 0 1 3 5 --episodes 500 --out outputs/eval/binding
 
 Writes OUT/results.json (task, shots, trial seeds, mean, std, samples, modes, model and data identity),
 OUT/predictions/*.jsonl (one line per evaluated sample) and OUT/<task>_shots.png (several shot counts),
 and prints a table. Tasks: captioning (Flickr CSV layout or Karpathy JSON; CIDEr, BLEU-4), vqa (VQAv2 /
-OK-VQA questions + annotations JSON; VQA accuracy), classification (image folders; top-1/top-5).
+OK-VQA questions + annotations JSON; VQA accuracy), classification (image folders; top-1/top-5), binding
+(Frozen's open-ended few-shot classification with made-up words, on a class tree or the generated scenes
+(--data synthetic); open-ended and closed accuracy, with the 0-shot, image-ablated and prototype controls;
+see vlm/eval/binding.py).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("task", choices=["captioning", "vqa", "classification"])
+    p.add_argument("task", choices=["captioning", "vqa", "classification", "binding"])
 
     d = p.add_argument_group("data")
     d.add_argument(
@@ -36,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="captioning layout: flickr = captions.txt + Flickr_8k.*Images.txt lists (directory or .tar); "
         "karpathy = dataset_coco.json / dataset_flickr30k.json (with --images)",
     )
-    d.add_argument("--data", help="flickr directory or tar | Karpathy JSON | image-folder root (directory or tar)")
+    d.add_argument(
+        "--data",
+        help="flickr directory or tar | Karpathy JSON | image-folder root (directory or tar) | binding: a class tree "
+        "root/<class>/*.jpg or root/<split>/<class>/*.jpg (directory or tar), or 'synthetic' (one-group scenes)",
+    )
     d.add_argument("--images", help="karpathy: the image root (filepath/filename below it)")
     d.add_argument("--split", help="evaluated split (default: test; image folders: test, else val)")
     d.add_argument("--train-split", default="train", help="split the demonstrations come from (karpathy: + restval)")
@@ -77,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
     r = p.add_argument_group("protocol")
-    r.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8, 16, 32])
+    r.add_argument("--shots", type=int, nargs="+", default=None, help="default 0 4 8 16 32 (binding: 0 1 3 5)")
     r.add_argument("--trials", type=int, default=None, help="number of trials (default: 3, or len(--seeds))")
     r.add_argument("--seeds", type=int, nargs="+", default=None, help="trial seeds (default 42, 43, ...)")
     r.add_argument("--num-samples", type=int, default=None, help="evaluated samples per trial (default: all)")
@@ -96,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run every mode with every image replaced by one constant image (text-only control)",
     )
     r.add_argument("--all-modes", action="store_true", help="random, RICES and their ablated controls in one run")
+
+    b = p.add_argument_group("binding (Frozen's fast-binding protocol)")
+    b.add_argument("--classes", nargs="+", default=None, help="evaluated classes (names or folders; default: all)")
+    b.add_argument("--ways", type=int, nargs="+", default=[2, 5], help="classes per episode")
+    b.add_argument("--episodes", type=int, default=500, help="episodes per number of ways and trial")
+    b.add_argument("--repeats", type=int, default=1, help="times the support set is shown")
+    b.add_argument("--names", choices=["made-up", "real"], default="made-up", help="words of the classes")
+    b.add_argument("--task-induction", action="store_true", help='start with "Answer with dax or blicket."')
+    b.add_argument(
+        "--binding-template", default=None, help="each image's text with {word} (default 'This is a {word}.')"
+    )
+    b.add_argument("--word-pool-size", type=int, default=4000, help="generated words (the evaluation pool is ~20%%)")
+    b.add_argument("--word-max-tokens", type=int, default=3, help="most tokens of a word (0: any)")
+    b.add_argument("--no-closed-form", action="store_true", help="skip the closed-form (likelihood) scorer")
+    b.add_argument("--no-prototype", action="store_true", help="skip the prototype reference")
+    b.add_argument("--synthetic-per-class", type=int, default=60, help="--data synthetic: images per class")
 
     g = p.add_argument_group("prompt and generation (defaults: OpenFlamingo's)")
     g.add_argument(
@@ -183,9 +208,107 @@ def _datasets(args, p: argparse.ArgumentParser):
     )
 
 
+def _binding(args, p: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
+    from .binding import BindingTask, evaluate_binding, format_binding_table, plot_binding
+    from .compare import format_differences
+    from .datasets import default_cache_dir, load_class_tree
+    from .models import load_model
+    from .report import write_results
+
+    if not args.data:
+        p.error("binding needs --data (a class tree, its tar, or 'synthetic')")
+    try:
+        task = BindingTask(
+            **({"template": args.binding_template} if args.binding_template else {}),
+            task_induction=args.task_induction,
+            repeats=args.repeats,
+            names=args.names,
+            closed_form=not args.no_closed_form,
+            **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}),
+        )
+    except ValueError as e:
+        p.error(str(e))
+    shots = args.shots if args.shots is not None else [0, 1, 3, 5]
+    if args.episodes < 1 or min(shots) < 0 or min(args.ways) < 2:
+        p.error(f"need --episodes >= 1, --shots >= 0 and --ways >= 2; got {args.episodes}, {shots}, {args.ways}")
+    names = json.loads(open(args.class_names).read()) if args.class_names else None
+    if args.data == "synthetic":
+        from data_pipelines.synthetic import write_scene_classes
+
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        root = write_scene_classes(cache / f"scene_classes-{args.synthetic_per_class}", args.synthetic_per_class)
+        dataset = load_class_tree(root, "test", names)
+    else:
+        dataset = load_class_tree(args.data, args.split, names, args.cache_dir)
+    from .binding import select_classes
+
+    try:
+        selected = select_classes(dataset, args.classes)
+    except ValueError as e:
+        p.error(str(e))
+    if max(args.ways) > len(selected):
+        p.error(f"--ways {max(args.ways)} needs as many classes; {len(selected)} are evaluated")
+    model, identity = load_model(
+        model_dir=args.model_dir,
+        openflamingo_checkpoint=args.openflamingo_checkpoint,
+        clip_vision_encoder_path=args.clip_vision_encoder_path,
+        clip_vision_encoder_pretrained=args.clip_vision_encoder_pretrained,
+        lang_encoder_path=args.lang_encoder_path,
+        tokenizer_path=args.tokenizer_path,
+        cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+        clip_configs=args.clip_config,
+        device=args.device,
+        dtype=args.dtype,
+        allow_missing_output_rows=args.allow_missing_output_rows,
+    )
+    out = Path(args.out or "outputs/eval/binding")
+    results = evaluate_binding(
+        model,
+        dataset,
+        classes=args.classes,
+        ways=args.ways,
+        shots=shots,
+        episodes=args.episodes,
+        trials=args.trials,
+        seeds=args.seeds,
+        task=task,
+        word_pool_size=args.word_pool_size,
+        word_max_tokens=args.word_max_tokens or None,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        prototype=not args.no_prototype,
+        model_info=identity,
+        progress=not args.quiet,
+        trials_dir=out / "trials",
+        reuse_trials=not args.no_resume,
+    )
+    path = write_results(results, out, plot=False)
+    if not args.no_plot:
+        plot_binding(results, out / "binding_shots.png")
+    print(format_binding_table(results))
+    if results["paired_differences"]:
+        print("paired differences (same episodes; 95% bootstrap interval):")
+        print(format_differences(results["paired_differences"]))
+    print(f"batched inference: {results['images_per_s']:.1f} images/s (mean over trials)")
+    if results.get("resumed_trials"):
+        print(
+            f"{len(results['resumed_trials'])} trial(s) read back from {out / 'trials'} (--no-resume runs them again)"
+        )
+    print(f"results: {path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if (args.model_dir is None) == (args.openflamingo_checkpoint is None):
+        p.error("give exactly one of --model-dir and --openflamingo-checkpoint")
+    if args.task == "binding":
+        return _binding(args, p)
+    if args.shots is None:
+        args.shots = [0, 4, 8, 16, 32]
     modes = list(args.modes or [])
     if args.rices:
         modes.append("rices")
@@ -193,8 +316,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.all_modes:
         modes, ablate = ["random", "rices"], True
     modes = list(dict.fromkeys(modes or ["random"]))
-    if (args.model_dir is None) == (args.openflamingo_checkpoint is None):
-        p.error("give exactly one of --model-dir and --openflamingo-checkpoint")
 
     from pathlib import Path
 

@@ -258,8 +258,11 @@ def load_image_folder(
     underscores as spaces, or ``class_names[folder]`` (e.g. ImageNet synset ids -> readable names)."""
     base = resolve_data_path(path, cache_dir)
     root = base if (base / split).is_dir() else _find_root(base, split)
-    split_dir = root / split
-    folders = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    return _class_folders(root / split, split, str(root), class_names)
+
+
+def _class_folders(split_dir: Path, split: str, root: str, class_names: Optional[dict[str, str]]) -> EvalDataset:
+    folders = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise ValueError(f"{split_dir} has no class folders")
     names = [(class_names or {}).get(f, f.replace("_", " ")) for f in folders]
@@ -268,4 +271,18 @@ def load_image_folder(
         for img in sorted((split_dir / folder).iterdir()):
             if img.suffix.lower() in IMAGE_SUFFIXES:
                 samples.append(ClassificationSample(f"{folder}/{img.name}", str(img), label))
-    return EvalDataset("imagefolder", split, str(root), samples, class_names=names)
+    return EvalDataset("imagefolder", split, root, samples, class_names=names, extra={"class_folders": folders})
+
+
+def load_class_tree(
+    path: PathLike,
+    split: Optional[str] = None,
+    class_names: Optional[dict[str, str]] = None,
+    cache_dir: Optional[PathLike] = None,
+) -> EvalDataset:
+    """A class tree ``root/<class>/<image>``, or ``root/<split>/<class>/<image>`` (directory or tar). ``split``
+    None: ``test`` when the tree has one, else the classes directly under the root."""
+    base = resolve_data_path(path, cache_dir)
+    if split is not None or (base / "test").is_dir() or any(base.glob("*/test")):
+        return load_image_folder(base, split or "test", class_names, cache_dir)
+    return _class_folders(base, "all", str(base), class_names)

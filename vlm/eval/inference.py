@@ -114,12 +114,15 @@ def class_log_likelihoods(
     model,
     inputs: FlamingoInputs,
     prompts: Sequence[str],
-    class_names: Sequence[str],
+    class_names: Sequence[str] | Sequence[Sequence[str]],
     tokenizer,
     normalize_length: bool = True,
     rows_per_call: int = 64,
 ) -> Tensor:
     """(B, C) log-likelihood of each class name continuing each prompt (text with ``<image>`` markers).
+
+    ``class_names``: one list for every prompt, or one list per prompt (each of the same length C; binding
+    episodes score each episode's own words).
 
     Each prompt + class name is tokenized as one string and the tokens after the longest common prefix
     with the prompt's own tokens are scored, so the class is scored as it is tokenized in context
@@ -128,11 +131,20 @@ def class_log_likelihoods(
     language model reads (prompt, class) rows right padded, ``rows_per_call`` rows per call.
     """
     device, dtype = _device_dtype(model)
-    b, c = len(prompts), len(class_names)
+    b = len(prompts)
+    per_prompt = (
+        [list(class_names)] * b if all(isinstance(n, str) for n in class_names) else [list(n) for n in class_names]
+    )
+    if len(per_prompt) != b or len({len(n) for n in per_prompt}) != 1 or not per_prompt[0]:
+        raise ValueError(
+            f"class_names must be one list of names or one list per prompt ({b}), all of one length; got "
+            f"{[len(n) for n in per_prompt]} names"
+        )
+    c = len(per_prompt[0])
     vision_x = inputs.vision_x.to(device, dtype)
     latents, media_mask = model.encode_media(vision_x, inputs.media_mask.to(device))  # (B, T_img, n, D)
     context = tokenizer(list(prompts))["input_ids"]
-    full = tokenizer([p + name for p in prompts for name in class_names])["input_ids"]  # (B*C) lists
+    full = tokenizer([p + name for p, names in zip(prompts, per_prompt) for name in names])["input_ids"]  # (B*C)
     classes_per_call = max(1, rows_per_call // b)
     scores = torch.empty(b, c)
     pad = model.pad_token_id
@@ -142,7 +154,8 @@ def class_log_likelihoods(
         starts = [_common_prefix(context[q], full[q * c + j]) for q in range(b) for j in cs]
         for r, (row, s) in enumerate(zip(rows, starts)):
             if s == 0 or s >= len(row):
-                raise ValueError(f"class {class_names[cs[r % len(cs)]]!r} adds no token after the prompt")
+                name = per_prompt[r // len(cs)][cs[r % len(cs)]]
+                raise ValueError(f"class {name!r} adds no token after the prompt")
         length = max(map(len, rows))
         limit = getattr(model, "max_positions", None)
         if limit is not None and length > limit:

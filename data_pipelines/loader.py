@@ -526,15 +526,7 @@ class _Core:
             batch = self._collate_pairs(items)
         else:
             batch = self._collate_documents(items, skipped, dropped)
-        delivered = Counter(meta["source"] for _, meta in items)
-        delivered.subtract(Counter(source for _, source, _, _ in skipped[before:]))  # dropped while collating
-        bookkeeping = {
-            "end": end,
-            "skipped": skipped,
-            "dropped_images": dropped,
-            "delivered": {name: n for name, n in delivered.items() if n > 0},
-        }
-        return batch, bookkeeping
+        return batch, _bookkeeping(end, items, skipped, before, dropped)
 
     def _episode_batch(
         self, slots: Sequence[tuple[int, int]], end: int
@@ -566,15 +558,7 @@ class _Core:
             items.append(((images, episode.text + self.tokens.eos_token), meta))
         before = len(skipped)
         batch = self._collate_texts(items, skipped, dropped)
-        delivered = Counter(meta["source"] for _, meta in items)
-        delivered.subtract(Counter(source for _, source, _, _ in skipped[before:]))
-        bookkeeping = {
-            "end": end,
-            "skipped": skipped,
-            "dropped_images": dropped,
-            "delivered": {name: n for name, n in delivered.items() if n > 0},
-        }
-        return batch, bookkeeping
+        return batch, _bookkeeping(end, items, skipped, before, dropped)
 
     def _transform(self, image: Any) -> torch.Tensor:
         tensor = self.transform(image)
@@ -650,6 +634,19 @@ class _Core:
         if self.config.return_metadata:
             batch["metadata"] = [meta for _, _, meta in kept]
         return batch
+
+
+def _bookkeeping(end: int, items: list, skipped: list, before: int, dropped: list) -> dict[str, Any]:
+    """A batch's bookkeeping: the position after it, its skips and dropped images, and the samples delivered per
+    source (those dropped while collating, ``skipped[before:]``, not counted)."""
+    delivered = Counter(meta["source"] for _, meta in items)
+    delivered.subtract(Counter(source for _, source, _, _ in skipped[before:]))
+    return {
+        "end": end,
+        "skipped": skipped,
+        "dropped_images": dropped,
+        "delivered": {name: n for name, n in delivered.items() if n > 0},
+    }
 
 
 class _BatchStream(IterableDataset):

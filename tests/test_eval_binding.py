@@ -4,7 +4,6 @@ prototype reference, the vision cache, and ``python -m vlm.eval binding`` end to
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from eval_helpers import write_image
-from vlm_helpers import TINY_CLIP, build_model, set_gates, tiny_assets
+from vlm_helpers import build_model, export_with_clip_config, set_gates
 
 from vlm.eval.binding import (
     BindingEpisode,
@@ -217,12 +216,8 @@ def test_evaluate_binding_counts_and_controls(model, tmp_path):
         evaluate_binding(model, data, classes=["emu"], ways=[2], shots=[1], episodes=1, words=["a", "b"])
 
 
-def _export(model, directory: Path) -> Path:
-    model.save_pretrained(directory)
-    bundled = directory / "bases" / "open_clip"
-    bundled.mkdir(parents=True)
-    shutil.copy(f"{tiny_assets()['clip_dir']}/{TINY_CLIP}.json", bundled)
-    return directory
+def _export(model, directory):
+    return export_with_clip_config(model, directory)
 
 
 @pytest.mark.slow

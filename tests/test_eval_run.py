@@ -3,7 +3,6 @@ command line (results JSON, predictions, plot, table), VQA, classification and t
 
 import copy
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,8 +11,8 @@ import pytest
 import torch
 from eval_helpers import tar_directory, write_flickr, write_image_folder, write_karpathy, write_vqa
 from vlm_helpers import (
-    TINY_CLIP,
     build_model,
+    export_with_clip_config,
     filter_state_dict_like_openflamingo,
     import_open_flamingo,
     set_gates,
@@ -109,11 +108,7 @@ def test_class_scores_match_a_direct_forward(model, tmp_path):
 
 
 def _export(model, directory):
-    model.save_pretrained(directory)
-    bundled = directory / "bases" / "open_clip"
-    bundled.mkdir(parents=True)
-    shutil.copy(f"{tiny_assets()['clip_dir']}/{TINY_CLIP}.json", bundled)
-    return directory
+    return export_with_clip_config(model, directory)
 
 
 @pytest.mark.slow

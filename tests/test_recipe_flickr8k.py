@@ -130,3 +130,39 @@ def test_recipe_end_to_end_on_tiny_flickr(tmp_path):
     assert "reusing" in proc.stdout and "[training" not in proc.stdout.replace("[training] reusing", "")
     again = json.loads((out / "results.json").read_text())
     assert again["training"]["steps"] == 4 and len(again["evaluation"]["settings"]) == 2
+
+
+def _binding_results(acc: dict, ablated: dict, proto: dict) -> dict:
+    runs = []
+    for (w, k), a in acc.items():
+        runs.append({"ways": w, "shots": k, "ablate_images": False, "num_samples": 10, "trials": [{}],
+                     "mean": {"accuracy": a}, "std": {"accuracy": 0.0}})  # fmt: skip
+        runs.append({"ways": w, "shots": k, "ablate_images": True, "num_samples": 10, "trials": [{}],
+                     "mean": {"accuracy": ablated[(w, k)]}, "std": {"accuracy": 0.0}})  # fmt: skip
+    prototype = {f"{w}-way": {str(k): {"mean": v} for (ww, k), v in proto.items() if ww == w} for w, _ in acc}
+    return {"runs": runs, "prototype": prototype, "data": {"classes": ["cat", "deer"]}}
+
+
+def test_binding_summary_and_targets():
+    from recipes.flickr8k_flamingo import binding_targets, summarize_binding
+
+    acc = {(2, 0): 0.0, (2, 1): 90.0, (2, 3): 95.0, (4, 0): 1.0, (4, 1): 60.0, (4, 3): 70.0}
+    ablated = {(2, 0): 0.0, (2, 1): 52.0, (2, 3): 49.0, (4, 0): 0.0, (4, 1): 31.0, (4, 3): 24.0}
+    proto = {(2, 1): 80.0, (2, 3): 90.0, (4, 1): 64.0, (4, 3): 77.0}
+    unseen = summarize_binding(_binding_results(acc, ablated, proto))
+    row = next(s for s in unseen["settings"] if (s["ways"], s["shots"]) == (4, 1))
+    assert row["open_ended"] == 60.0 and row["ablated_open_ended"] == 31.0 and row["prototype"] == 64.0
+    assert row["chance"] == 25.0 and row["closed"] is None
+    seen = summarize_binding(_binding_results({k: v + 1 for k, v in acc.items()}, ablated, proto))
+    t = binding_targets(unseen, seen)
+    assert t["2-way 1-shot >= 85"] == {"value": 90.0, "met": True}
+    assert t["4-way 1-shot >= 65"] == {"value": 60.0, "met": False}
+    assert t["2-way 3-shot > 1-shot"]["met"] and t["4-way 3-shot > 1-shot"]["met"]
+    assert t["at_least_prototype_every_setting"]["2-way 1-shot"]["met"]
+    assert not t["at_least_prototype_every_setting"]["4-way 1-shot"]["met"]
+    assert (
+        t["ablated_within_5_of_chance"]["2-way 1-shot"]["met"]
+        and not t["ablated_within_5_of_chance"]["4-way 1-shot"]["met"]
+    )
+    assert t["zero_shot_open_ended"] == {"2-way": 0.0, "4-way": 1.0}
+    assert all(v["met"] for v in t["seen_at_least_unseen"].values())

@@ -268,3 +268,14 @@ def set_gates(model, value: float = 1.0) -> None:
         for block in model.gated_cross_attn_layers:
             block.attn_gate.fill_(value)
             block.mlp_gate.fill_(value)
+
+
+def export_with_clip_config(model, directory: Path) -> Path:
+    """``model.save_pretrained(directory)`` plus the tiny open_clip config in ``bases/open_clip``, where a command
+    such as ``python -m vlm.eval`` finds it (the tiny tower is registered in this process only)."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    bundled = directory / "bases" / "open_clip"
+    bundled.mkdir(parents=True)
+    shutil.copy(f"{tiny_assets()['clip_dir']}/{TINY_CLIP}.json", bundled)
+    return directory

@@ -208,13 +208,31 @@ def _datasets(args, p: argparse.ArgumentParser):
     )
 
 
+def _load_model(args):
+    """The model (an export or an OpenFlamingo checkpoint) and its identity, from the model arguments."""
+    from .models import load_model
+
+    return load_model(
+        model_dir=args.model_dir,
+        openflamingo_checkpoint=args.openflamingo_checkpoint,
+        clip_vision_encoder_path=args.clip_vision_encoder_path,
+        clip_vision_encoder_pretrained=args.clip_vision_encoder_pretrained,
+        lang_encoder_path=args.lang_encoder_path,
+        tokenizer_path=args.tokenizer_path,
+        cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+        clip_configs=args.clip_config,
+        device=args.device,
+        dtype=args.dtype,
+        allow_missing_output_rows=args.allow_missing_output_rows,
+    )
+
+
 def _binding(args, p: argparse.ArgumentParser) -> int:
     from pathlib import Path
 
     from .binding import BindingTask, evaluate_binding, format_binding_table, plot_binding
     from .compare import format_differences
     from .datasets import default_cache_dir, load_class_tree
-    from .models import load_model
     from .report import write_results
 
     if not args.data:
@@ -250,19 +268,7 @@ def _binding(args, p: argparse.ArgumentParser) -> int:
         p.error(str(e))
     if max(args.ways) > len(selected):
         p.error(f"--ways {max(args.ways)} needs as many classes; {len(selected)} are evaluated")
-    model, identity = load_model(
-        model_dir=args.model_dir,
-        openflamingo_checkpoint=args.openflamingo_checkpoint,
-        clip_vision_encoder_path=args.clip_vision_encoder_path,
-        clip_vision_encoder_pretrained=args.clip_vision_encoder_pretrained,
-        lang_encoder_path=args.lang_encoder_path,
-        tokenizer_path=args.tokenizer_path,
-        cross_attn_every_n_layers=args.cross_attn_every_n_layers,
-        clip_configs=args.clip_config,
-        device=args.device,
-        dtype=args.dtype,
-        allow_missing_output_rows=args.allow_missing_output_rows,
-    )
+    model, identity = _load_model(args)
     out = Path(args.out or "outputs/eval/binding")
     results = evaluate_binding(
         model,
@@ -320,7 +326,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pathlib import Path
 
     from .compare import format_differences
-    from .models import load_model
     from .report import format_table, write_results
     from .runner import evaluate
     from .tasks import CaptioningTask, ClassificationTask, VQATask
@@ -342,19 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         task = (CaptioningTask if args.task == "captioning" else VQATask)(**task_kw)
     test, train = _datasets(args, p)
 
-    model, identity = load_model(
-        model_dir=args.model_dir,
-        openflamingo_checkpoint=args.openflamingo_checkpoint,
-        clip_vision_encoder_path=args.clip_vision_encoder_path,
-        clip_vision_encoder_pretrained=args.clip_vision_encoder_pretrained,
-        lang_encoder_path=args.lang_encoder_path,
-        tokenizer_path=args.tokenizer_path,
-        cross_attn_every_n_layers=args.cross_attn_every_n_layers,
-        clip_configs=args.clip_config,
-        device=args.device,
-        dtype=args.dtype,
-        allow_missing_output_rows=args.allow_missing_output_rows,
-    )
+    model, identity = _load_model(args)
     out = Path(args.out or f"outputs/eval/{args.task}")
     results = evaluate(
         task,

@@ -34,7 +34,6 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data_pipelines.binding import (
     DEFAULT_INDUCTION,
@@ -51,7 +50,7 @@ from ..processor import FlamingoProcessor
 from .compare import paired_differences
 from .datasets import EvalDataset
 from .demos import image_features
-from .inference import class_log_likelihoods, constant_image, generate, prompt_loader
+from .inference import class_log_likelihoods, constant_image, generate, prompt_batches
 from .runner import TrialStore, aggregate_trials, model_identity, state_digest
 from .tasks import Prompt
 
@@ -221,30 +220,24 @@ def cached_vision_tokens(model):
 
 
 def _run_episode_prompts(
-    model, processor, task, prompts, words, answers, batch_size, grey, num_workers, progress, label
+    model, processor, task, prompts, words, batch_size, grey, num_workers, progress, label
 ):
     """(outputs, seconds): per prompt [completion, closed-form scores or None]."""
-    loader = prompt_loader(prompts, processor, batch_size, grey, num_workers)
     outputs: list = []
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=label, disable=not progress, leave=False) as bar:
-        offset = 0
-        for inputs in loader:
-            n = inputs.input_ids.shape[0]
-            texts = generate(
-                model, inputs, model.tokenizer, max_new_tokens=task.max_new_tokens, num_beams=1, do_sample=False
-            )
-            if task.closed_form:
-                batch_prompts = [p.text for p in prompts[offset : offset + n]]
-                candidates = [[task.continuation(w) for w in ws] for ws in words[offset : offset + n]]
-                scores = class_log_likelihoods(
-                    model, inputs, batch_prompts, candidates, model.tokenizer, normalize_length=False
-                ).tolist()
-            else:
-                scores = [None] * n
-            outputs += [[t, s] for t, s in zip(texts, scores)]
-            offset += n
-            bar.update(n)
+    for inputs, offset in prompt_batches(prompts, processor, batch_size, grey, num_workers, progress, label):
+        n = inputs.input_ids.shape[0]
+        texts = generate(
+            model, inputs, model.tokenizer, max_new_tokens=task.max_new_tokens, num_beams=1, do_sample=False
+        )
+        scores: list = [None] * n
+        if task.closed_form:
+            candidates = [[task.continuation(w) for w in ws] for ws in words[offset : offset + n]]
+            scores = class_log_likelihoods(
+                model, inputs, [p.text for p in prompts[offset : offset + n]], candidates, model.tokenizer,
+                normalize_length=False,
+            ).tolist()  # fmt: skip
+        outputs += [[t, s] for t, s in zip(texts, scores)]
     return outputs, time.perf_counter() - start
 
 
@@ -365,8 +358,8 @@ def evaluate_binding(
                             resumed.append(label)
                         else:
                             outputs, seconds = _run_episode_prompts(
-                                model, processor, task, prompts, [ep.words for ep in eps],
-                                [ep.words[ep.query] for ep in eps], batch_size, grey, num_workers, progress, label,
+                                model, processor, task, prompts, [ep.words for ep in eps], batch_size, grey,
+                                num_workers, progress, label,
                             )  # fmt: skip
                             if resume is not None:
                                 resume.save(label, key, outputs, seconds)

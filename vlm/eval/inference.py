@@ -72,6 +72,20 @@ def prompt_loader(
     )
 
 
+def prompt_batches(prompts: Sequence[Prompt], processor: FlamingoProcessor, batch_size: int,
+                   constant_image: Optional[Tensor], num_workers: int, progress: bool, label: str):  # fmt: skip
+    """``(inputs, start)`` per batch of :func:`prompt_loader` (``start``: the index of its first prompt), with a
+    progress bar labelled ``label``."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(prompts), desc=label, disable=not progress, leave=False) as bar:
+        start = 0
+        for inputs in prompt_loader(prompts, processor, batch_size, constant_image, num_workers):
+            yield inputs, start
+            start += inputs.input_ids.shape[0]
+            bar.update(inputs.input_ids.shape[0])
+
+
 def constant_image(image_processor, value: int = 128) -> Tensor:
     """The ablation image: a uniform grey picture through the model's preprocessing, (C, H, W)."""
     from PIL import Image

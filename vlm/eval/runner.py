@@ -27,13 +27,12 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..processor import FlamingoProcessor
 from .compare import paired_differences
 from .datasets import EvalDataset, default_cache_dir
 from .demos import RICES, RandomDemos, cached_image_features, eval_indices, vision_fingerprint
-from .inference import class_log_likelihoods, constant_image, generate, prompt_loader
+from .inference import class_log_likelihoods, constant_image, generate, prompt_batches
 from .tasks import ZERO_SHOT_DEMOS, CaptioningTask, ClassificationTask, Task, VQATask
 
 MODES = ("random", "rices")
@@ -306,23 +305,18 @@ def _infer_trial(task, model, processor, test, train, k, seed, mode, ablated, ri
 
 def _run_prompts(task, model, processor, prompts, batch_size, grey, num_workers, rows_per_call, progress, label):
     """Raw outputs of one trial's prompts (generated texts, or class indices best first) and the seconds taken."""
-    loader = prompt_loader(prompts, processor, batch_size, grey, num_workers)
     outputs: list = []
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=label, disable=not progress, leave=False) as bar:
-        offset = 0
-        for inputs in loader:
-            n = inputs.input_ids.shape[0]
-            if isinstance(task, ClassificationTask):
-                scores = class_log_likelihoods(
-                    model, inputs, [p.text for p in prompts[offset : offset + n]], task.class_names,
-                    model.tokenizer, task.normalize_length, rows_per_call,
-                )  # fmt: skip
-                outputs += torch.argsort(scores, dim=1, descending=True, stable=True).tolist()
-            else:
-                outputs += generate(model, inputs, model.tokenizer, **task.generation_kwargs())
-            offset += n
-            bar.update(n)
+    for inputs, offset in prompt_batches(prompts, processor, batch_size, grey, num_workers, progress, label):
+        n = inputs.input_ids.shape[0]
+        if isinstance(task, ClassificationTask):
+            scores = class_log_likelihoods(
+                model, inputs, [p.text for p in prompts[offset : offset + n]], task.class_names,
+                model.tokenizer, task.normalize_length, rows_per_call,
+            )  # fmt: skip
+            outputs += torch.argsort(scores, dim=1, descending=True, stable=True).tolist()
+        else:
+            outputs += generate(model, inputs, model.tokenizer, **task.generation_kwargs())
     return outputs, time.perf_counter() - start
 
 

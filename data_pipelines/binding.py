@@ -201,7 +201,9 @@ class EpisodeConfig:
     instead of made-up words. task_induction: fraction of episodes that start with the sentence ``induction``
     ("Answer with dax or blicket."). template: each image's text, with ``{word}``. classes: the class subset
     (None: all classes of the source). word_pool_size / word_max_tokens: :func:`build_word_pool`'s size and
-    max_tokens; training draws from its training pool only.
+    max_tokens; training draws from its training pool only. loss_on: "all" (every text token, as interleaved
+    documents) or "answers" (only the words that appeared earlier in the episode: the tokens that can only be
+    predicted by binding; a word's first mention is unpredictable noise).
     """
 
     ways: tuple[int, int] = (2, 5)
@@ -214,6 +216,7 @@ class EpisodeConfig:
     classes: tuple[str, ...] | None = None
     word_pool_size: int = 4000
     word_max_tokens: int | None = 3
+    loss_on: str = "all"
 
     def __post_init__(self) -> None:
         for name, low in (("ways", 1), ("shots", 1), ("queries", 1)):
@@ -247,6 +250,8 @@ class EpisodeConfig:
             or self.word_pool_size < 10
         ):
             raise ValueError(f"EpisodeConfig.word_pool_size must be an int >= 10, got {self.word_pool_size!r}")
+        if self.loss_on not in ("all", "answers"):
+            raise ValueError(f"EpisodeConfig.loss_on must be 'all' or 'answers', got {self.loss_on!r}")
         m = self.word_max_tokens
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"EpisodeConfig.word_max_tokens must be None or an int >= 1, got {m!r}")
@@ -300,6 +305,7 @@ class Episode:
     labels: list[int]  # per image: index into classes / words
     num_queries: int
     text: str  # without the tokenizer's eos
+    answer_spans: list[tuple[int, int]]  # character spans of the words said before in the episode
 
 
 def draw_episode(
@@ -340,10 +346,16 @@ def draw_episode(
         sample_ids.append(int(picks[j][used[j]]))
         used[j] += 1
     induction = rng.random() < config.task_induction
-    text = (induction_text(names, config.induction) if induction else "") + "".join(
-        chunk(config.template, names[j]) for j in labels
-    )
-    return Episode(sample_ids, [classes.names[c] for c in chosen], names, labels, queries, text)
+    text = induction_text(names, config.induction) if induction else ""
+    before = config.template[: config.template.index("{word}")]
+    spans, said = [], set()
+    for j in labels:
+        start = len(text) + len(MEDIA_TOKEN) + len(before)
+        if j in said:
+            spans.append((start, start + len(names[j])))
+        said.add(j)
+        text += chunk(config.template, names[j])
+    return Episode(sample_ids, [classes.names[c] for c in chosen], names, labels, queries, text, spans)
 
 
 def episode_rng(seed: int, source: int, rank: int, position: int) -> np.random.Generator:

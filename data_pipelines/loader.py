@@ -81,6 +81,7 @@ from .samples import (
     parse_json,
 )
 from .tokenization import (
+    IGNORE_INDEX,
     FlamingoTokens,
     Padding,
     collate_documents,
@@ -542,6 +543,8 @@ class _Core:
             meta = {"source": self.names[source], "key": key, "position": position, "classes": episode.classes,
                     "words": episode.words, "labels": episode.labels, "num_queries": episode.num_queries,
                     "sample_ids": episode.sample_ids}  # fmt: skip
+            if self.config.episodes is not None and self.config.episodes.loss_on == "answers":
+                meta["answer_spans"] = episode.answer_spans
             ref = None
             try:
                 images = []
@@ -603,7 +606,7 @@ class _Core:
         texts = [text for (_, text), _ in items]
         ids, image_counts = tokenize_documents(self.tokenizer, texts, self.tokens, self.config.max_length)
         kept: list[tuple[list[int], list[torch.Tensor], dict]] = []
-        for row, count, ((images, _), meta) in zip(ids, image_counts, items):
+        for row, count, ((images, text), meta) in zip(ids, image_counts, items):
             count = min(count, len(images))  # images whose <image> token was truncated away are dropped
             dropped.extend(["past_max_length"] * (len(images) - count))
             if count < self.config.min_images:
@@ -616,24 +619,38 @@ class _Core:
                     )
                 )
                 continue
-            kept.append((row, images[:count], meta))
+            kept.append((row, images[:count], meta, text))
         if not kept:
             return None
         first = kept[0][1][0]
         vision_x = torch.zeros(len(kept), self.config.max_images, 1, *first.shape, dtype=first.dtype)
         media_mask = torch.zeros(len(kept), self.config.max_images, dtype=torch.bool)
-        for row, (_, images, _) in enumerate(kept):
+        for row, (_, images, _, _) in enumerate(kept):
             vision_x[row, : len(images), 0] = torch.stack(images)
             media_mask[row, : len(images)] = True
-        text = collate_documents([row for row, _, _ in kept], self.tokens, self.config.max_length, self.config.padding)
+        text = collate_documents([row for row, *_ in kept], self.tokens, self.config.max_length, self.config.padding)
+        if any("answer_spans" in meta for _, _, meta, _ in kept):
+            text["labels"] = self._answer_labels(text["labels"], [(t, m["answer_spans"]) for _, _, m, t in kept])
         batch: dict[str, Any] = {
             "vision_x": vision_x,  # (B, T_img=max_images, F=1, C, H, W), zeros where media_mask is False
             **text,  # input_ids, attention_mask, labels: (B, L)
             "media_mask": media_mask,  # (B, T_img) True for real images
         }
         if self.config.return_metadata:
-            batch["metadata"] = [meta for _, _, meta in kept]
+            batch["metadata"] = [meta for _, _, meta, _ in kept]
         return batch
+
+    def _answer_labels(self, labels: torch.Tensor, rows: list[tuple[str, list[tuple[int, int]]]]) -> torch.Tensor:
+        """``labels`` kept only at the tokens inside each row's character spans (binding answers), by the fast
+        tokenizer's offsets of the same tokenization."""
+        encoded = self.tokenizer([text for text, _ in rows], add_special_tokens=True, truncation=True,
+                                 max_length=self.config.max_length, return_offsets_mapping=True)  # fmt: skip
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        for r, ((_, spans), offsets) in enumerate(zip(rows, encoded["offset_mapping"])):
+            for t, (a, b) in enumerate(offsets):
+                if b > a and any(a < end and b > start for start, end in spans):
+                    keep[r, t] = True
+        return labels.masked_fill(~keep, IGNORE_INDEX)
 
 
 def _bookkeeping(end: int, items: list, skipped: list, before: int, dropped: list) -> dict[str, Any]:

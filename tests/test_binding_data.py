@@ -294,3 +294,22 @@ def test_loader_config_errors_for_episodes(synthetic):
     with pytest.raises(ValueError, match=r"max_images must hold the smallest episode \(.* = 4 images\), got 3"):
         LoaderConfig(synthetic.pairs, kind="episodes", max_images=3, episodes=EpisodeConfig(ways=(3, 3)))
     assert LoaderConfig(synthetic.pairs, kind="episodes").episodes == EpisodeConfig()
+
+
+def test_loss_on_answers_keeps_only_the_words_said_before(synthetic, tokenizer):
+    config = EpisodeConfig(ways=(2, 3), shots=(1, 3), queries=(1, 2), loss_on="answers")
+    loader = _loader(synthetic, tokenizer, episodes=config)
+    batch = next(iter(loader))
+    for row, meta in enumerate(batch["metadata"]):
+        labels = batch["labels"][row]
+        kept = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        # one token per word with this word-level tokenizer: one label per repeated word, nothing else
+        repeats = len(meta["labels"]) - len(set(meta["labels"]))
+        assert len(meta["answer_spans"]) == repeats == len(kept) > 0
+        assert all(labels[t] == batch["input_ids"][row, t] for t in kept)
+        # the kept tokens are words: each follows "a" and precedes "."
+        ids = batch["input_ids"][row].tolist()
+        a, period = tokenizer.convert_tokens_to_ids(["a", "."])
+        assert all(ids[t - 1] == a and ids[t + 1] == period for t in kept)
+    with pytest.raises(ValueError, match="loss_on must be 'all' or 'answers'"):
+        EpisodeConfig(loss_on="queries")

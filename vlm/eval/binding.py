@@ -219,9 +219,7 @@ def cached_vision_tokens(model):
         del encoder.forward
 
 
-def _run_episode_prompts(
-    model, processor, task, prompts, words, batch_size, grey, num_workers, progress, label
-):
+def _run_episode_prompts(model, processor, task, prompts, words, batch_size, grey, num_workers, progress, label):
     """(outputs, seconds): per prompt [completion, closed-form scores or None]."""
     outputs: list = []
     start = time.perf_counter()

@@ -91,10 +91,17 @@ def test_data_pipelines_readme_example(tmp_path, monkeypatch):
 
     from data_pipelines import ShardLoader, pairs_loader
 
-    (code,) = DATA_BLOCKS
+    code, binding = DATA_BLOCKS
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(compile(code, "data_pipelines/README.md example", "exec"), ns)
+    exec(compile(binding, "data_pipelines/README.md binding example", "exec"), ns)
+    episodes = ns["episode_batch"]
+    assert episodes["vision_x"].shape[:2] == (4, 10)
+    for row, meta in enumerate(episodes["metadata"]):
+        assert 2 <= len(meta["words"]) <= 4 and set(meta["words"]) <= set(ns["pool"].train)
+        assert int(episodes["media_mask"][row].sum()) == len(meta["sample_ids"])
+    assert not set(ns["pool"].train) & set(ns["pool"].eval)
     tokenizer, loader, batch = ns["tokenizer"], ns["loader"], ns["batch"]
     assert tuple(batch["vision_x"].shape) == (32, 1, 1, 3, 32, 32) and batch["media_mask"].all()
     assert loader.stats == {"samples": 96, "batches": 3, "skipped": 0}

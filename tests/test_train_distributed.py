@@ -104,7 +104,8 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_both(two_rank_results):
     for runs in two_rank_results:  # rank 0's loss was finite; it skips the step too
         nan_run, clean = runs["zero2_nan_rank1"], runs["zero2"]
         assert nan_run["losses"]["2"] is None and nan_run["nonfinite_total"] == 1
-        assert nan_run["losses"]["1"] == clean["losses"]["1"]
+        # the same step 1; equal up to summation order (on some CPUs the kernels' sums depend on memory alignment)
+        assert nan_run["losses"]["1"] == pytest.approx(clean["losses"]["1"], rel=1e-6)
         assert all(math.isfinite(nan_run["losses"][s]) for s in ("3", "4"))
     assert two_rank_results[0]["zero2_nan_rank1"]["param_checksum"] == pytest.approx(
         two_rank_results[1]["zero2_nan_rank1"]["param_checksum"], rel=1e-6

@@ -337,7 +337,8 @@ def draw_episode(
     for j, c in enumerate(chosen):
         pool = classes.samples[c]
         need = shots + int((query_labels == j).sum())
-        picks.append(rng.choice(pool, size=min(need, len(pool)), replace=need > len(pool)).tolist())
+        # a class with fewer images than the episode needs repeats some (drawn with replacement)
+        picks.append(rng.choice(pool, size=need, replace=need > len(pool)).tolist())
     order = rng.permutation(len(demo_labels))
     labels = [demo_labels[i] for i in order] + [int(j) for j in query_labels]
     used = [0] * ways

@@ -70,3 +70,29 @@ def test_vlm_benchmark_runs_in_bf16(tmp_path):
     assert tiny["identical_greedy_tokens"] and tiny["train_flops"] > 0 and tiny["generate_flops"] > 0
     assert set(tiny["train_fraction_of_peak"]) == {"ours", "openflamingo"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_episodes_benchmark_reads_the_same_episodes_both_ways(tmp_path):
+    """On-the-fly episodes and the same episodes written as document shards: token-for-token equal, both timed."""
+    from bench_episodes import main
+    from vlm_helpers import register_tiny_clip, save_tiny_lm, save_tiny_tokenizer
+
+    from data_pipelines.from_classes import write_class_shards
+    from data_pipelines.shards import ShardWriterConfig
+    from data_pipelines.synthetic import write_scene_classes
+
+    clip = register_tiny_clip(tmp_path / "clip")
+    save_tiny_tokenizer(tmp_path / "lm")
+    save_tiny_lm(tmp_path / "lm", "llama")
+    write_scene_classes(tmp_path / "scenes", per_class=4, image_size=32)
+    write_class_shards(tmp_path / "scenes" / "test", ShardWriterConfig(tmp_path / "shards", prefix="scenes"),
+                       show_progress=False)  # fmt: skip
+    out = tmp_path / "episodes.json"
+    result = main(["--shards", str(tmp_path / "shards" / "*.tar"), "--lm", str(tmp_path / "lm"), "--tower", clip,
+                   "--tower-pretrained", "none", "--word-max-tokens", "0", "--batch-size", "2", "--batches", "2",
+                   "--repeats", "1", "--out", str(out)])  # fmt: skip
+    assert result["same_tokens"] is True
+    saved = json.loads(out.read_text())
+    for name in ("on_the_fly", "document_shards"):
+        assert saved["median"][name]["episodes_per_s"] > 0 and saved["median"][name]["images_per_s"] > 0

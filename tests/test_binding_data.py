@@ -185,6 +185,16 @@ def test_episode_options_real_names_task_induction_and_fitting(synthetic):
         ClassIndex.build([{"class_name": "a"}] * 5, EpisodeConfig())
 
 
+def test_a_class_with_fewer_images_than_an_episode_needs_repeats_them():
+    metas = [{"class_name": "a"}] * 5 + [{"class_name": "b"}] * 5  # an episode may need 4 shots + 2 queries of one
+    config = EpisodeConfig(ways=(2, 2), shots=(4, 4), queries=(2, 2))
+    classes = ClassIndex.build(metas, config)
+    for position in range(20):
+        ep = draw_episode(episode_rng(0, 0, 0, position), classes, ("dax", "wug"), config, 10)
+        assert len(ep.sample_ids) == len(ep.labels) == 10
+        assert all(metas[i]["class_name"] == ep.classes[j] for i, j in zip(ep.sample_ids, ep.labels))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -276,3 +276,47 @@ def test_gradient_accumulation_and_bf16(cache, tmp_path):
     assert [r["samples"] for r in records] == [12, 12]  # 2 x (4 pairs + 2 documents)
     state = json.loads(json.dumps(trainer.streams["pairs"].state_dict()))
     assert state["position"] == 16
+
+
+EPISODES = (
+    "data.episodes={sources: [{shards: 'synthetic:pairs'}], batch_size: 2, max_length: 96, max_images: 6, "
+    "min_images: 3, episodes: {ways: [2, 2], shots: [1, 2], queries: [1, 1], loss_on: answers}}"
+)
+
+
+def test_episodes_stream_trains_and_its_probe_measures_the_images(cache, tmp_path, monkeypatch):
+    """With data.episodes, each step trains the episodes too (loss_episodes), and every evaluation scores binding
+    episodes that training never draws with real and with constant images: their gap is what binding is worth."""
+    from training import trainer as trainer_module
+
+    calls = []
+    real = trainer_module.held_out_loss
+
+    def spy(model, loader, *args, **kwargs):
+        calls.append((loader.config.kind, loader.config.seed, kwargs.get("ablate_images", False)))
+        return real(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "held_out_loss", spy)
+    result, trainer = run_training(small_config(cache, tmp_path, "run.max_steps=2", "eval.every_steps=1", EPISODES))
+    records = read_records(trainer.metrics.path)
+    steps = [r for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(r["loss_episodes"]) for r in steps)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and all(e["episodes_loss"] > 0 and e["episodes_ablated_loss"] > 0 for e in evals)
+    probe_seed = trainer.episode_probe.config.seed
+    assert probe_seed != trainer.streams["episodes"].loader.config.seed  # episodes training never draws
+    assert ("episodes", probe_seed, False) in calls and ("episodes", probe_seed, True) in calls
+    # the probe's episodes are fixed (held_out_loss reads from position 0) and differ from the trained ones
+    probe, stream = trainer.episode_probe, trainer.streams["episodes"].loader
+    texts = []
+    for loader in (probe, probe, stream):
+        loader.load_state_dict({**loader.state_dict(), "position": 0})
+        texts.append(next(iter(loader))["input_ids"])
+    assert torch.equal(texts[0], texts[1]) and not torch.equal(texts[0], texts[2])
+
+
+def test_without_episodes_there_is_no_probe(cache, tmp_path):
+    _, trainer = run_training(small_config(cache, tmp_path, "run.max_steps=1", "eval.every_steps=1"))
+    assert trainer.episode_probe is None
+    evals = [r for r in read_records(trainer.metrics.path) if r["kind"] == "eval"]
+    assert evals and all(e["episodes_loss"] is None for e in evals)

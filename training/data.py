@@ -144,6 +144,33 @@ def build_val_loader(
     return ShardLoader(loader_config, tokenizer, image_processor)
 
 
+# The probe's episodes are drawn from their own seed stream: the same classes, images and training-pool words as
+# the episodes stream, composed into episodes that training never draws (episodes are pure functions of the seed).
+EPISODE_PROBE_SEED = 0x50524F4245
+
+
+def build_episode_probe_loader(
+    config: TrainConfig, tokenizer: Any, image_processor: Callable, synthetic, rank: int, world_size: int
+):
+    """Binding episodes for the periodic evaluation (the episodes stream's sources and settings, its own seed), or
+    None without ``data.episodes``. Their loss with real and with constant images says whether the model binds:
+    the loss alone cannot (copying one of the prompt's words already lowers it)."""
+    stream = config.data.episodes
+    if stream is None:
+        return None
+    from data_pipelines import ShardLoader, SourceConfig
+
+    sources = [
+        SourceConfig(resolve_shards(s.shards, synthetic), s.weight, s.name or f"episodes{i}")
+        for i, s in enumerate(stream.sources)
+    ]
+    loader_config = stream.loader_config(
+        sources, kind="episodes", seed=config.run.seed + EPISODE_PROBE_SEED, infinite=True, rank=rank,
+        world_size=world_size,
+    )  # fmt: skip
+    return ShardLoader(loader_config, tokenizer, image_processor)
+
+
 class Batches:
     """Endless batches from one resumable loader; the iterator is (re)created lazily after a state load."""
 

@@ -160,6 +160,12 @@ class MetricsLogger:
             if result.get("shuffled_loss") is not None:
                 self.tb.add_scalar("eval/shuffled_loss", result["shuffled_loss"], step)
                 self.tb.add_scalar("eval/image_gain_shuffled", result["shuffled_loss"] - result["loss"], step)
+            if result.get("episodes_loss") is not None:
+                self.tb.add_scalar("eval/episodes_loss", result["episodes_loss"], step)
+            if result.get("episodes_ablated_loss") is not None:
+                self.tb.add_scalar(
+                    "eval/episodes_image_gain", result["episodes_ablated_loss"] - result["episodes_loss"], step
+                )
             if result.get("generations"):
                 text = "\n\n".join(
                     f"**true:** {g['true']}  \n**generated:** {g['generated']}" for g in result["generations"]

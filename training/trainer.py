@@ -39,7 +39,15 @@ from .checkpoint import (
     restore_rng,
 )
 from .config import ConfigError, TrainConfig
-from .data import Batches, build_train_loaders, build_val_loader, check_batch, check_shards_exist, ensure_synthetic
+from .data import (
+    Batches,
+    build_episode_probe_loader,
+    build_train_loaders,
+    build_val_loader,
+    check_batch,
+    check_shards_exist,
+    ensure_synthetic,
+)
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -184,6 +192,9 @@ class Trainer:
         )
         self.streams = {name: Batches(loader) for name, loader in loaders.items()}
         self.val_loader = build_val_loader(
+            config, self.tokenizer, self.image_processor, self.synthetic, ctx.rank, ctx.world_size
+        )
+        self.episode_probe = build_episode_probe_loader(
             config, self.tokenizer, self.image_processor, self.synthetic, ctx.rank, ctx.world_size
         )
         # the same demonstration/query images on every rank (generation must take the same steps everywhere)
@@ -487,6 +498,13 @@ class Trainer:
                 shuffled = held_out_loss(
                     self.model, self.val_loader, cfg.batches, self.device, self.dtype, shuffle_images=True
                 )
+            episodes = episodes_ablated = None
+            if self.episode_probe is not None:
+                episodes = held_out_loss(self.model, self.episode_probe, cfg.batches, self.device, self.dtype)
+                if cfg.ablated_loss and episodes is not None:
+                    episodes_ablated = held_out_loss(
+                        self.model, self.episode_probe, cfg.batches, self.device, self.dtype, ablate_images=True
+                    )
             generations: list[FewShotSample] = []
             if cfg.num_generations and self.demo_loader is not None:
                 demos, queries = demo_examples(self.demo_loader, self.tokenizer, cfg.num_shots, cfg.num_generations)
@@ -506,6 +524,8 @@ class Trainer:
             "loss": loss,
             "ablated_loss": ablated,
             "shuffled_loss": shuffled,
+            "episodes_loss": episodes,
+            "episodes_ablated_loss": episodes_ablated,
             "generations": [{"true": g.true, "generated": g.generated} for g in generations],
         }
         self.metrics.log_eval(self.step, result)
@@ -517,6 +537,14 @@ class Trainer:
         if shuffled is not None:
             head += f", with another sample's images {shuffled:.4f} ({shuffled - loss:+.4f})"
         lines = [head]
+        if episodes is not None:
+            line = f"  binding episodes (draws training never makes): loss {episodes:.4f}"
+            if episodes_ablated is not None:
+                line += (
+                    f", with constant images {episodes_ablated:.4f} (the images are worth "
+                    f"{episodes_ablated - episodes:+.4f} nats/token: about 0 while the model does not bind)"
+                )
+            lines.append(line)
         lines += [f"  true: {g.true}\n  gen:  {g.generated}" for g in generations]
         self.metrics.write("\n".join(lines))
         return result

@@ -51,6 +51,22 @@ def episode_documents(loader, count: int) -> list[dict]:
     return docs
 
 
+def machine(threads: int) -> dict:
+    """CPU model, its bf16 flags and the threads used (Linux /proc/cpuinfo where readable)."""
+    info = {"cpu": platform.processor() or platform.machine(), "threads": threads, "bf16_flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["bf16_flags"] = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    return info
+
+
 def time_loader(loader, batches: int) -> tuple[float, int, int]:
     """Seconds, samples and images of ``batches`` batches (after one warm-up batch)."""
     it = iter(loader)
@@ -128,7 +144,7 @@ def main(argv=None) -> dict:
         for name, runs in rows.items()
     }
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "machine": machine(args.threads),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "same_tokens": same_tokens,
         "runs": rows,

@@ -542,7 +542,7 @@ class Trainer:
             if episodes_ablated is not None:
                 line += (
                     f", with constant images {episodes_ablated:.4f} (the images are worth "
-                    f"{episodes_ablated - episodes:+.4f} nats/token: about 0 while the model does not bind)"
+                    f"{episodes_ablated - episodes:+.4f} nats/token; about 0 means it does not bind)"
                 )
             lines.append(line)
         lines += [f"  true: {g.true}\n  gen:  {g.generated}" for g in generations]

@@ -91,23 +91,34 @@ def check_batch(stream: str, batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def stream_sources(name: str, stream, synthetic) -> list:
+    """The ``data_pipelines.SourceConfig`` of each of a stream's sources (unnamed ones: ``<stream><i>``)."""
+    from data_pipelines import SourceConfig
+
+    return [
+        SourceConfig(resolve_shards(s.shards, synthetic), s.weight, s.name or f"{name}{i}")
+        for i, s in enumerate(stream.sources)
+    ]
+
+
 def build_train_loaders(
     config: TrainConfig, tokenizer: Any, image_processor: Callable, synthetic, rank: int, world_size: int
 ) -> dict[str, Any]:
     """name -> infinite ShardLoader for this rank, one per configured stream (seeded by run.seed)."""
-    from data_pipelines import ShardLoader, SourceConfig
+    from data_pipelines import ShardLoader
 
     loaders = {}
     for name in STREAMS:
         stream = getattr(config.data, name)
         if stream is None:
             continue
-        sources = [
-            SourceConfig(resolve_shards(s.shards, synthetic), s.weight, s.name or f"{name}{i}")
-            for i, s in enumerate(stream.sources)
-        ]
         loader_config = stream.loader_config(
-            sources, kind=name, seed=config.run.seed, infinite=True, rank=rank, world_size=world_size
+            stream_sources(name, stream, synthetic),
+            kind=name,
+            seed=config.run.seed,
+            infinite=True,
+            rank=rank,
+            world_size=world_size,
         )
         loaders[name] = ShardLoader(loader_config, tokenizer, image_processor)
     return loaders
@@ -158,14 +169,10 @@ def build_episode_probe_loader(
     stream = config.data.episodes
     if stream is None:
         return None
-    from data_pipelines import ShardLoader, SourceConfig
+    from data_pipelines import ShardLoader
 
-    sources = [
-        SourceConfig(resolve_shards(s.shards, synthetic), s.weight, s.name or f"episodes{i}")
-        for i, s in enumerate(stream.sources)
-    ]
     loader_config = stream.loader_config(
-        sources, kind="episodes", seed=config.run.seed + EPISODE_PROBE_SEED, infinite=True, rank=rank,
+        stream_sources("episodes", stream, synthetic), kind="episodes", seed=config.run.seed + EPISODE_PROBE_SEED, infinite=True, rank=rank,
         world_size=world_size,
     )  # fmt: skip
     return ShardLoader(loader_config, tokenizer, image_processor)

@@ -1,8 +1,10 @@
-"""Image validation and (optional) resizing / re-encoding for the shard writers.
+"""Reading images, for every reader of the project, and preparing them for the shard writers.
 
-Every image that goes into a shard passes through :func:`prepare_image`: it is fully decoded (so a truncated or
-corrupt file is caught here, not during training), converted to RGB, optionally resized, and stored as JPEG.
-An untouched RGB JPEG is copied byte for byte unless re-encoding is requested.
+:func:`load_image` is the one place an image file or encoded sample becomes pixels: the writers, the loaders,
+``vlm.eval`` and ``vlm.generate`` all go through it (EXIF orientation, 16-bit and alpha images, errors that name
+the file). Every image that goes into a shard passes through :func:`prepare_image`: it is fully decoded (so a
+truncated or corrupt file is caught here, not during training), made upright RGB, optionally resized, and stored
+as JPEG. An untouched upright RGB JPEG is copied byte for byte unless re-encoding is requested.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 #: File extensions recognised as images when listing folders and reading shards.
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -91,24 +93,87 @@ def read_image_source(source: str | Path | bytes) -> bytes:
         raise ImageSkip("unreadable_file", f"{path}: {err}") from None
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes into an RGB PIL image; raises ImageSkip("broken_image") on any failure."""
+class ImageLoadError(ValueError):
+    """An image that cannot be used, with the file (or sample) named. ``reason`` is a short tag:
+    ``missing_file``, ``unreadable_file``, ``broken_image`` or ``image_too_large``."""
+
+    def __init__(self, reason: str, name: str, detail: str) -> None:
+        super().__init__(f"{name}: {detail}")
+        self.reason = reason
+        self.name = name
+        self.detail = detail
+
+
+def load_image(source: str | Path | bytes, *, name: str | None = None) -> Image.Image:
+    """The one reader of images: a path or encoded bytes to an upright RGB ``PIL.Image``.
+
+    Fully decoded (a truncated file fails here, not later), EXIF orientation applied (a phone photo comes out the
+    way it was held), 16-bit and float greyscale scaled to 8 bits (not clipped to white), palette and alpha images
+    composited on white, CMYK and the rest converted to RGB. Images above PIL's pixel limit are refused as
+    decompression bombs. Every failure is an :class:`ImageLoadError` naming the file (``name``, else the path,
+    else ``<bytes>``).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), name or "<bytes>"
+    else:
+        path = Path(source)
+        name = name or str(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageLoadError("missing_file", name, "no such file") from None
+        except IsADirectoryError:
+            raise ImageLoadError("missing_file", name, "expected an image file, found a directory") from None
+        except OSError as err:
+            raise ImageLoadError("unreadable_file", name, f"cannot read: {err}") from None
+    if not data:
+        raise ImageLoadError("broken_image", name, "empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()  # forces a full decode: catches truncated data that Image.open alone would not
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageSkip("image_too_large", str(err)) from None
+        raise ImageLoadError(
+            "image_too_large", name, f"refused as a possible decompression bomb ({err}); PIL.Image.MAX_IMAGE_PIXELS "
+            "sets the limit"
+        ) from None
     except Exception as err:  # PIL raises many exception types for bad data
-        raise ImageSkip("broken_image", f"{type(err).__name__}: {err}") from None
-    return _to_rgb(image)
+        raise ImageLoadError("broken_image", name, f"not a readable image ({type(err).__name__}: {err})") from None
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        pass
+    return to_rgb(image)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def decode_image(data: bytes) -> Image.Image:
+    """:func:`load_image` for the writers: raises ImageSkip with the same reason on any failure."""
+    try:
+        return load_image(data)
+    except ImageLoadError as err:
+        raise ImageSkip(err.reason, err.detail) from None
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits a channel: 16-bit/32-bit integer and float greyscale scaled (not clipped), alpha and
+    transparent palettes composited on white, every other mode converted by PIL."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        import numpy as np
+
+        values = np.asarray(image).astype(np.float64)
+        if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and values.size and values.max() > 255):
+            values = values / 257.0  # 0..65535 -> 0..255
+        elif image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0  # a float image in [0, 1]
+        grey = np.clip(np.nan_to_num(np.rint(values)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -148,7 +213,10 @@ def prepare_image(source: str | Path | bytes, options: ImageOptions) -> Prepared
     if not data:
         raise ImageSkip("broken_image", "empty file" if not isinstance(source, bytes) else "empty bytes")
     is_jpeg = data[:3] == b"\xff\xd8\xff"
-    image = decode_image(data)
+    try:
+        image = load_image(data, name=None if isinstance(source, (bytes, bytearray, memoryview)) else str(source))
+    except ImageLoadError as err:
+        raise ImageSkip(err.reason, str(err)) from None
     original_width, original_height = image.size
     if min(image.size) < options.min_size:
         raise ImageSkip("image_too_small", f"{image.size[0]}x{image.size[1]} < min_size {options.min_size}")
@@ -163,6 +231,11 @@ def prepare_image(source: str | Path | bytes, options: ImageOptions) -> Prepared
 
 
 def _is_plain_rgb_jpeg(data: bytes) -> bool:
-    """True when the JPEG decodes directly to RGB (not CMYK / greyscale), so its bytes can be kept as they are."""
+    """True when the JPEG decodes directly to upright RGB (not CMYK / greyscale, no EXIF rotation), so its bytes
+    can be kept as they are."""
     with Image.open(io.BytesIO(data)) as image:
-        return image.mode == "RGB"
+        return image.mode == "RGB" and image.getexif().get(ORIENTATION_TAG, 1) == 1
+
+
+#: The EXIF tag that says how a photo was held (1: upright).
+ORIENTATION_TAG = 0x0112

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 
 
 class SampleSkip(Exception):
@@ -37,13 +37,12 @@ def document_is_complete(members: dict) -> bool:
     return "json" in members
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, name: str = "<image>") -> Image.Image:
+    """Upright RGB pixels of a sample's image member (:func:`data_pipelines.images.load_image`)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image.convert("RGB")
-    except Exception as err:  # PIL raises many exception types for bad data
-        raise SampleSkip("corrupt_image", f"{type(err).__name__}: {err}") from None
+        return load_image(data, name=name)
+    except ImageLoadError as err:
+        raise SampleSkip("corrupt_image", str(err)) from None
 
 
 def parse_json(raw: dict[str, bytes]) -> dict | None:
@@ -71,7 +70,12 @@ def decode_pair(raw: dict[str, bytes], choose: Callable[[int], int] | None = Non
     meta = parse_json(raw) or {}
     caption = pair_caption(raw, meta, choose)
     ext = next(e for e in IMAGE_EXTENSIONS if e in raw)
-    return Pair(decode_image(raw[ext]), caption, meta)
+    return Pair(decode_image(raw[ext], _member_name(raw, ext)), caption, meta)
+
+
+def _member_name(raw: dict, member: str) -> str:
+    key = raw.get("__key__")
+    return f"sample {key!r} member {member!r}" if isinstance(key, str) else f"member {member!r}"
 
 
 def pair_caption(raw: dict[str, bytes], meta: dict, choose: Callable[[int], int] | None = None) -> str:
@@ -113,7 +117,7 @@ def decode_document(raw: dict[str, bytes], max_images: int) -> Document:
         if len(images) >= max_images:
             break
         try:
-            images.append(decode_image(_document_image_bytes(raw, info)))
+            images.append(decode_image(_document_image_bytes(raw, info), _member_name(raw, str(info.get("member", "image")))))
             sentences.append(info["matched_text_index"])
         except SampleSkip as skip:
             dropped.append(skip.reason)

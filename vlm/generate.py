@@ -49,16 +49,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--num-beams must be >= 1, got {args.num_beams}")
     import open_clip
     import torch
-    from PIL import Image
+    from data_pipelines.images import ImageLoadError, load_image
 
     from .few_shot import few_shot
     from .model import Flamingo
 
     for path in args.clip_config:
         open_clip.add_model_config(path)
-    load = lambda path: Image.open(path).convert("RGB")  # noqa: E731
-    demos = [(load(img), text) for img, text in args.demo]
-    queries = [load(q) for q in args.query]
+    try:  # every image before the model loads
+        demos = [(load_image(img), text) for img, text in args.demo]
+        queries = [load_image(q) for q in args.query]
+    except ImageLoadError as err:
+        raise SystemExit(f"error: {err}") from None
     torch.manual_seed(args.seed)
     model = Flamingo.from_pretrained(args.model_dir).to(args.device).eval()
     gen = {"num_beams": args.num_beams, "do_sample": args.do_sample}

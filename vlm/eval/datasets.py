@@ -97,10 +97,10 @@ class EvalDataset:
 
 
 def open_image(path: str):
-    from PIL import Image
+    """Upright RGB pixels of an image file (:func:`data_pipelines.images.load_image`); errors name the file."""
+    from data_pipelines.images import load_image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return load_image(path)
 
 
 # ----------------------------------------------------------------------------- archives

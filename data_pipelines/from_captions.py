@@ -71,16 +71,63 @@ def read_caption_rows(
 
 
 def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[str, str]]:
+    return read_caption_csv(path, image_column, caption_column)
+
+
+def read_caption_csv(path: str | Path, image_column: str = "image", caption_column: str = "caption") -> list[tuple[str, str]]:
+    """(image, caption) rows of a CSV caption file with a header, read strictly: every row must have exactly the
+    header's fields (a caption with commas must be quoted), no quoted field may run over several lines (an
+    unterminated quote), and the file must be UTF-8. Any other row is a ValueError naming the file and the line,
+    before anything is written or scored. Captions and image names are stripped; a row whose caption is empty is
+    returned with an empty caption, for the caller to skip and count."""
+    path = Path(path)
+    rows: list[tuple[str, str]] = []
     with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        columns = reader.fieldnames or []
-        for wanted in (image_column, caption_column):
-            if wanted not in columns:
-                raise ValueError(
-                    f"{path}: CSV header {columns!r} has no column {wanted!r} "
-                    f"(expected a header with {image_column!r} and {caption_column!r}; see --image-column/--caption-column)"
-                )
-        return [(row[image_column] or "", row[caption_column] or "") for row in reader]
+        reader = csv.reader(file, strict=True)
+        line = 1
+        try:
+            header = next(reader, None)
+            columns = [c.strip() for c in header] if header else []
+            for wanted in (image_column, caption_column):
+                if wanted not in columns:
+                    raise ValueError(
+                        f"{path}: CSV header {columns!r} has no column {wanted!r} (expected a header with "
+                        f"{image_column!r} and {caption_column!r}; see --image-column/--caption-column)"
+                    )
+            image_index, caption_index = columns.index(image_column), columns.index(caption_column)
+            for fields in reader:
+                first, line = line + 1, reader.line_num
+                where = f"{path}:{first}" if first == line else f"{path}:{first}-{line}"
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue  # a blank line
+                if len(fields) != len(columns):
+                    raise ValueError(
+                        f"{where}: expected {len(columns)} fields ({', '.join(columns)}), got {len(fields)}: "
+                        f"{_preview(fields)} (a caption that contains commas must be quoted)"
+                    )
+                if line != first and any("\n" in f or "\r" in f for f in fields):
+                    raise ValueError(
+                        f"{where}: a quoted field runs over {line - first + 1} lines (an unterminated quote?): "
+                        f"{_preview(fields)}"
+                    )
+                image = fields[image_index].strip()
+                if not image:
+                    raise ValueError(f"{where}: empty image name in column {image_column!r}: {_preview(fields)}")
+                rows.append((image, fields[caption_index].strip()))
+        except csv.Error as err:
+            hint = " (an unterminated quote?)" if "end of data" in str(err) else ""
+            raise ValueError(f"{path}:{line + 1}: malformed CSV ({err}){hint}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}: not UTF-8 after line {reader.line_num} (byte {err.start} of a read block: "
+                f"{err.object[err.start:err.start + 4]!r}); re-save the file as UTF-8"
+            ) from None
+    return rows
+
+
+def _preview(fields: list[str], limit: int = 120) -> str:
+    text = repr(fields)
+    return text if len(text) <= limit else text[:limit] + "...]"
 
 
 def _read_jsonl(path: Path, image_column: str, caption_column: str) -> list[tuple[str, str]]:

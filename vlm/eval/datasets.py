@@ -9,15 +9,17 @@ data path is extracted once into the cache directory.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import logging
 import os
 import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -161,19 +163,24 @@ def load_flickr(path: PathLike, split: str = "test", cache_dir: Optional[PathLik
     if len(lists) != 1:
         raise FileNotFoundError(f"expected one *.{FLICKR_SPLIT_FILES[split]}.txt split list in {root}, found {lists}")
     names = [line.strip() for line in lists[0].read_text().splitlines() if line.strip()]
+    from data_pipelines.from_captions import read_caption_csv
+
     captions: dict[str, list[str]] = {}
-    with open(root / "captions.txt", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-            raise ValueError(f"{root / 'captions.txt'}: expected a CSV header 'image,caption', got {reader.fieldnames}")
-        for row in reader:
-            captions.setdefault(row["image"].strip(), []).append(row["caption"].strip())
+    empty = 0
+    for image, caption in read_caption_csv(root / "captions.txt"):  # strict: a malformed row names its line
+        if caption:
+            captions.setdefault(image, []).append(caption)
+        else:
+            empty += 1
     image_dir = root / "Images" if (root / "Images").is_dir() else root
     missing = [n for n in names if n not in captions]
     if missing:
         raise ValueError(f"{len(missing)} images of the {split} list have no caption, e.g. {missing[:3]}")
     samples = [CaptionSample(Path(n).stem, str(image_dir / n), captions[n]) for n in names]
-    return EvalDataset("flickr", split, str(root), samples)
+    extra = {"empty_captions_skipped": empty} if empty else {}
+    if empty:
+        log.warning("%s: skipped %d rows with an empty caption", root / "captions.txt", empty)
+    return EvalDataset("flickr", split, str(root), samples, extra=extra)
 
 
 def load_karpathy(json_path: PathLike, image_root: PathLike, split: str = "test") -> EvalDataset:

@@ -215,16 +215,16 @@ def export_pretrained(model: nn.Module, directory: Path, tiny: Optional[TinyBase
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     saved_config = model.config
     try:
-        if tiny is not None:
-            bases = directory / "bases"
+        if tiny is not None:  # the config names them relative to the export: a copy loads its own
+            bases = Path(".") / "bases"
             shutil.copytree(tiny.clip_config_dir, staging / "bases" / "open_clip")
             shutil.copytree(tiny.lang_encoder_path, staging / "bases" / "lm")
             shutil.copytree(tiny.tokenizer_path, staging / "bases" / "tokenizer")
             model.config = type(saved_config)(
                 **{
                     **saved_config.to_dict(),
-                    "lang_encoder_path": str(bases / "lm"),
-                    "tokenizer_path": str(bases / "tokenizer"),
+                    "lang_encoder_path": f"./{bases / 'lm'}",
+                    "tokenizer_path": f"./{bases / 'tokenizer'}",
                 }
             )
         model.overridden_base_parameters = set(model.overridden_base_parameters) | trained_base_parameter_names(model)

@@ -402,6 +402,36 @@ def prepare_language_base(name: str, root: Optional[os.PathLike] = None, show_pr
     return directory
 
 
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection within ``timeout`` seconds; False
+    under ``HF_HUB_OFFLINE=1``. Asked once per process: an offline machine then loads hub ids from the local cache
+    at once instead of retrying for most of a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    if host not in _HUB_REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return _HUB_REACHABLE[host]
+
+
+def needs_hub(path: str) -> bool:
+    """A language path that is neither a named offline base nor an existing directory: a hub id."""
+    return path not in LANGUAGE_BASES and not Path(path).is_dir()
+
+
 def resolve_language_path(path: str, show_progress: bool = True) -> str:
     """A named language base -> its prepared directory; anything else (hub id, directory) unchanged."""
     if path in LANGUAGE_BASES:

@@ -41,7 +41,7 @@ def create_model_and_transforms(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .bases import resolve_language_path
+    from .bases import hub_reachable, needs_hub, resolve_language_path
 
     config = FlamingoConfig(
         clip_vision_encoder_path=clip_vision_encoder_path,
@@ -53,6 +53,8 @@ def create_model_and_transforms(
         freeze_lm_embeddings=freeze_lm_embeddings,
         **config_kwargs,
     )
+    if not use_local_files and (needs_hub(tokenizer_path) or needs_hub(lang_encoder_path)) and not hub_reachable():
+        use_local_files = True  # offline: the local cache or a quick error, not a minute of retries
     tokenizer = AutoTokenizer.from_pretrained(resolve_language_path(tokenizer_path), local_files_only=use_local_files)
     num_base = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK_TOKEN, MEDIA_TOKEN]})

@@ -370,17 +370,28 @@ class Flamingo(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found; expected a directory written by Flamingo.save_pretrained")
         meta = json.loads(meta_path.read_text())
-        cfg = FlamingoConfig.from_dict({**meta["config"], **config_overrides})
-        model, _, _ = create_model_and_transforms(**cfg.to_dict())
+        try:  # the weights are checked before any base is built
+            tensors = load_file(str(weights_path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"cannot read {weights_path}: {type(e).__name__}: {e}") from None
+        _check_weight_values(tensors, weights_path)
+        config = {**meta["config"], **_bundled_base_paths(meta["config"], directory), **config_overrides}
+        cfg = FlamingoConfig.from_dict(config)
+        bundled_clip = directory / BUNDLED_BASES / "open_clip"
+        if bundled_clip.is_dir():  # the export's own vision config (tiny or custom towers)
+            import open_clip
+
+            open_clip.add_model_config(bundled_clip)
+        try:
+            model, _, _ = create_model_and_transforms(**cfg.to_dict())
+        except OSError as e:  # an unreachable hub id or a missing local directory: say which file named it
+            named = {k: config.get(k) for k in ("lang_encoder_path", "tokenizer_path") if config.get(k)}
+            raise OSError(f"cannot build the bases that {meta_path} names ({named}): {e}") from None
         for key in ("media_token_id", "eoc_token_id", "pad_token_id", "num_base_tokens", "num_new_tokens"):
             if getattr(model, key) != meta[key]:
                 raise ValueError(
                     f"rebuilt tokenizer gives {key}={getattr(model, key)} but the saved model has {meta[key]}"
                 )
-        try:
-            tensors = load_file(str(weights_path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"cannot read {weights_path}: {type(e).__name__}: {e}") from None
         params = dict(model.named_parameters())
         added = set(model.added_parameter_names())
         overridden = meta.get("overridden_base_parameters")
@@ -413,6 +424,48 @@ class Flamingo(nn.Module):
                 params[name].copy_(value)
         model.overridden_base_parameters = set(overridden)
         return model
+
+
+#: The folder of an export that holds bases it carries with it (``./bases/lm`` in the config: relative to the export).
+BUNDLED_BASES = "bases"
+
+
+def _bundled_base_paths(config: dict, directory: Path) -> dict:
+    """Config paths to the export's own bases, resolved against the export's directory: ``./bases/...`` as written
+    today, and the absolute ``.../bases/<name>`` of older exports when this export has its own copy (a copied export
+    must not load the original's files)."""
+    resolved = {}
+    for key in ("lang_encoder_path", "tokenizer_path"):
+        value = config.get(key)
+        if not isinstance(value, str):
+            continue
+        path = Path(value)
+        if value.startswith("./") and path.parts[:1] == (BUNDLED_BASES,):
+            resolved[key] = str((directory / path).resolve())
+        elif path.is_absolute() and path.parent.name == BUNDLED_BASES and (directory / BUNDLED_BASES / path.name).is_dir():
+            resolved[key] = str((directory / BUNDLED_BASES / path.name).resolve())
+    return resolved
+
+
+def _check_weight_values(tensors: dict, weights_path: Path, limit: int = 5) -> None:
+    """Refuse weights that are not floating point or hold NaN/Inf, naming the tensors."""
+    not_float = [f"{n} ({v.dtype})" for n, v in sorted(tensors.items()) if not v.is_floating_point()]
+    if not_float:
+        more = f" and {len(not_float) - limit} more" if len(not_float) > limit else ""
+        raise ValueError(
+            f"weights in {weights_path} must be floating point; {len(not_float)} tensor(s) are not: "
+            f"{', '.join(not_float[:limit])}{more}"
+        )
+    bad = []
+    for name, value in sorted(tensors.items()):
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            bad.append(f"{name} ({int((~finite).sum())} of {value.numel()} values NaN/Inf)")
+    if bad:
+        more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+        raise ValueError(
+            f"weights in {weights_path} hold non-finite values in {len(bad)} tensor(s): {', '.join(bad[:limit])}{more}"
+        )
 
 
 def _describe_mismatch(limit: int = 5, **groups: set[str]) -> str:

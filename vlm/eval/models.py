@@ -103,5 +103,32 @@ def load_model(
             "config": model.config.to_dict(),
         }
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    check_finite_outputs(model)
     identity.update(device=str(device), dtype=dtype)
     return model, identity
+
+
+def check_finite_outputs(model) -> None:
+    """One forward pass on a grey image and a short prompt; a model whose logits hold NaN/Inf gets no score (its
+    generations would be empty text, scored as a valid 0)."""
+    import torch
+    from PIL import Image
+
+    from ..processor import FlamingoProcessor
+
+    if model.tokenizer is None or model.image_processor is None:
+        return
+    processor = FlamingoProcessor(model.tokenizer, model.image_processor)
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))
+    inputs = processor([[grey, "Output: a photo"]]).to(next(model.parameters()).device)
+    vision_x = inputs.vision_x.to(next(model.parameters()).dtype)
+    with torch.no_grad():
+        logits = model(
+            vision_x, inputs.input_ids, attention_mask=inputs.attention_mask, media_mask=inputs.media_mask
+        ).logits
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        raise ValueError(
+            f"the model's logits are not finite ({int((~finite).sum())} of {finite.numel()} NaN/Inf on a grey image "
+            "and '<image>Output: a photo'): refusing to evaluate a model whose scores would mean nothing"
+        )

@@ -7,6 +7,9 @@
 
 Arguments: ``--config PATH`` (YAML/JSON; default: the embedded tiny config) and ``key=value`` overrides
 (values are YAML). The launcher's ``--local_rank`` is accepted; the rank is read from the environment.
+
+Exit status: 0 done (or stopped at ``checkpoint.stop_at_step``), 2 bad configuration, 3 too many non-finite
+losses, 143 / 130 stopped by SIGTERM / SIGINT after writing a checkpoint (run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
+    from training.preemption import TrainingInterrupted
+
     try:
         result = trainer.fit()
         if trainer.ctx.is_main:
@@ -68,6 +76,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:  # SIGTERM/SIGINT or a launcher gone: a checkpoint of e.step was written
+        if trainer.ctx.is_main:
+            print(f"{e.reason}: checkpoint of step {e.step} at {e.checkpoint}; run again to resume", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("interrupted; the last complete checkpoint is intact", file=sys.stderr)
+        return 130
     finally:
         trainer.close()
         import torch.distributed as dist

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ from .modeling import (
     resolve_bases,
 )
 from .optim import build_optimizer, build_scheduler
+from .preemption import StopRequests, TrainingInterrupted
 
 MATH_ATTENTION_MAX_TOKENS = 256
 
@@ -412,6 +414,14 @@ class Trainer:
         if self.step >= stop:
             self.metrics.write(f"checkpoint is at step {self.step}; nothing to train (target step {stop})")
         self.engine.train()
+        with StopRequests(watch_launcher=self.ctx.world_size > 1 or bool(os.environ.get("LOCAL_RANK"))) as requests:
+            self._train_loop(result, requests, start, stop, max_steps)
+        result.step = self.step
+        result.seconds = time.perf_counter() - start
+        return self._finish(result, max_steps)
+
+    def _train_loop(self, result: TrainResult, requests: StopRequests, start: float, stop: int, max_steps: int) -> None:
+        cfg = self.config
         while self.step < stop:
             t0 = time.perf_counter()
             record = self.train_step()
@@ -426,6 +436,9 @@ class Trainer:
                 result.checkpoint = self.save_checkpoint()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < max_steps:
                 self.evaluate()
+            signum = self._stop_requested(requests)
+            if signum:
+                self._stop_on_request(requests, signum, max_steps)
             if self.step < stop and self._time_is_up(start):
                 result.time_limit_reached = True
                 self.metrics.write(
@@ -433,8 +446,31 @@ class Trainer:
                     "finishing as a completed run (held-out loss, checkpoint, export)"
                 )
                 break
-        result.step = self.step
-        result.seconds = time.perf_counter() - start
+
+    def _stop_requested(self, requests: StopRequests) -> int:
+        """Collective: the signal number if any rank was asked to stop (SIGTERM, SIGINT, its launcher gone), else 0."""
+        local = float(requests.signum or 0) if requests.pending() else 0.0
+        if self.ctx.world_size == 1:
+            return int(local)
+        values = torch.zeros(self.ctx.world_size, dtype=torch.float64)
+        values[self.ctx.rank] = local
+        return int(all_reduce_sum(values).max().item())
+
+    def _stop_on_request(self, requests: StopRequests, signum: int, max_steps: int) -> None:
+        """Checkpoint the step just finished (every rank, the periodic path) and raise TrainingInterrupted."""
+        if self._last_saved_step != self.step:
+            checkpoint = self.save_checkpoint()
+        else:
+            checkpoint = self.checkpoints.latest()
+        reason = requests.reason or f"rank stopped by {signal.Signals(signum).name} on another rank"
+        self.metrics.write(
+            f"{reason}: stopped at step {self.step} of {max_steps}, checkpoint {checkpoint}; "
+            "run the same command again to resume from it"
+        )
+        raise TrainingInterrupted(reason, signum, self.step, checkpoint)
+
+    def _finish(self, result: TrainResult, max_steps: int) -> TrainResult:
+        cfg = self.config
         if self.step < max_steps and not result.time_limit_reached:  # a planned stop: save and leave
             if self._last_saved_step != self.step:
                 result.checkpoint = self.save_checkpoint()

@@ -58,10 +58,19 @@ def list_class_tree(root: str | Path, only: Sequence[str] | None = None) -> tupl
             raise ValueError(f"classes {missing} are not class folders of {root}; it has {classes}")
         classes = sorted(set(only))
     files: list[tuple[Path, int]] = []
+    empty = []
     for label, name in enumerate(classes):
+        before = len(files)
         for path in sorted((root / name).iterdir()):
             if path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
                 files.append((path, label))
+        if len(files) == before:
+            empty.append(str(root / name))
+    if empty:  # an empty folder would still count as a class (labels, ways, top-k)
+        raise ValueError(
+            f"{len(empty)} class folder(s) hold no image (.{', .'.join(IMAGE_EXTENSIONS)}): {empty[:5]}; "
+            "remove them or add images"
+        )
     return classes, files
 
 

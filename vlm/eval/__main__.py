@@ -227,6 +227,17 @@ def _load_model(args):
     )
 
 
+def _lock_out(out):
+    """Hold ``--out`` for this evaluation (as the trainer holds its directories): a second evaluation writing the
+    same predictions and results stops at once, naming the first."""
+    from training.lock import OutputDirBusy, OutputDirLock
+
+    try:
+        return OutputDirLock(out, key="--out").acquire()
+    except OutputDirBusy as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def _binding(args, p: argparse.ArgumentParser) -> int:
     from pathlib import Path
 
@@ -268,8 +279,9 @@ def _binding(args, p: argparse.ArgumentParser) -> int:
         p.error(str(e))
     if max(args.ways) > len(selected):
         p.error(f"--ways {max(args.ways)} needs as many classes; {len(selected)} are evaluated")
-    model, identity = _load_model(args)
     out = Path(args.out or "outputs/eval/binding")
+    lock = _lock_out(out)  # noqa: F841 - held until this evaluation ends
+    model, identity = _load_model(args)
     results = evaluate_binding(
         model,
         dataset,
@@ -347,8 +359,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         task = (CaptioningTask if args.task == "captioning" else VQATask)(**task_kw)
     test, train = _datasets(args, p)
 
-    model, identity = _load_model(args)
     out = Path(args.out or f"outputs/eval/{args.task}")
+    lock = _lock_out(out)  # noqa: F841 - held until this evaluation ends
+    model, identity = _load_model(args)
     results = evaluate(
         task,
         model,

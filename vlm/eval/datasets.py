@@ -265,19 +265,42 @@ def load_image_folder(
     underscores as spaces, or ``class_names[folder]`` (e.g. ImageNet synset ids -> readable names)."""
     base = resolve_data_path(path, cache_dir)
     root = base if (base / split).is_dir() else _find_root(base, split)
-    return _class_folders(root / split, split, str(root), class_names)
+    dataset = _class_folders(root / split, split, str(root), class_names)
+    for other in sorted(SPLIT_FOLDERS - {split}):  # labels index the sorted folders: every split needs the same
+        if (root / other).is_dir():
+            theirs = _folder_names(root / other)
+            if theirs != dataset.extra["class_folders"]:
+                mine = dataset.extra["class_folders"]
+                raise ValueError(
+                    f"the splits of {root} have different class folders: only in {root / split}: "
+                    f"{sorted(set(mine) - set(theirs))}, only in {root / other}: {sorted(set(theirs) - set(mine))}"
+                )
+    return dataset
+
+
+#: Split folder names of a class tree whose class folders must agree.
+SPLIT_FOLDERS = {"train", "val", "dev", "test"}
+
+
+def _folder_names(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _class_folders(split_dir: Path, split: str, root: str, class_names: Optional[dict[str, str]]) -> EvalDataset:
-    folders = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = _folder_names(split_dir)
     if not folders:
         raise ValueError(f"{split_dir} has no class folders")
     names = [(class_names or {}).get(f, f.replace("_", " ")) for f in folders]
-    samples = []
+    samples, empty = [], []
     for label, folder in enumerate(folders):
+        before = len(samples)
         for img in sorted((split_dir / folder).iterdir()):
             if img.suffix.lower() in IMAGE_SUFFIXES:
                 samples.append(ClassificationSample(f"{folder}/{img.name}", str(img), label))
+        if len(samples) == before:
+            empty.append(str(split_dir / folder))
+    if empty:  # an empty folder would still be a class: more ways, a wrong chance level, meaningless top-k
+        raise ValueError(f"{len(empty)} class folder(s) hold no image: {empty[:5]}; remove them or add images")
     return EvalDataset("imagefolder", split, root, samples, class_names=names, extra={"class_folders": folders})
 
 

@@ -68,7 +68,36 @@ def find_shards(spec: ShardSpec) -> tuple[list[Path], list[str]]:
             )
         paths.extend(found)
         missing.extend(absent)
-    return list(dict.fromkeys(paths)), missing  # de-duplicate, keep order
+    paths = list(dict.fromkeys(paths))  # de-duplicate, keep order
+    check_writers_finished(paths)
+    return paths, missing
+
+
+#: The file a shard writer leaves next to its shards until it has finished (``{prefix}_INCOMPLETE``).
+INCOMPLETE_SUFFIX = "_INCOMPLETE"
+
+
+def check_writers_finished(paths: Sequence[Path]) -> None:
+    """ValueError when shards ``{prefix}-NNNNNN.tar`` sit next to ``{prefix}_INCOMPLETE``: their writer stopped
+    before the end (a crash, a kill), so they hold part of the data set."""
+    seen = set()
+    for path in paths:
+        path = Path(path)
+        prefix, dash, number = path.stem.rpartition("-")
+        if not dash or not number.isdigit() or (path.parent, prefix) in seen:
+            continue
+        seen.add((path.parent, prefix))
+        marker = path.parent / f"{prefix}{INCOMPLETE_SUFFIX}"
+        if marker.exists():
+            try:
+                detail = marker.read_text().strip()[:300]
+            except OSError:
+                detail = ""
+            raise ValueError(
+                f"the shards {path.parent / prefix}-*.tar were left by a writer that did not finish ({marker}"
+                f"{': ' + detail if detail else ''}); they hold part of the data at most. Write them again "
+                "(the writer's --overwrite), or delete the marker to use them as they are"
+            )
 
 
 def describe_missing(spec: ShardSpec, found: int, missing: Sequence[str], shown: int = 3) -> str:

@@ -33,6 +33,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .images import ImageOptions
+from .reader import INCOMPLETE_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ class ShardWriterConfig:
     @property
     def stats_path(self) -> Path:
         return Path(self.out_dir) / f"{self.prefix}_stats.json"
+
+    @property
+    def incomplete_path(self) -> Path:
+        """Present while the writer runs and after it fails; loaders refuse shards next to it."""
+        return Path(self.out_dir) / f"{self.prefix}{INCOMPLETE_SUFFIX}"
 
     def shard_path(self, index: int) -> Path:
         return Path(self.out_dir) / f"{self.prefix}-{index:06d}.tar"
@@ -154,6 +160,10 @@ class ShardWriter:
                 )
             for path in existing:
                 path.unlink()
+        config.stats_path.unlink(missing_ok=True)  # stats describe finished shards only
+        config.incomplete_path.write_text(
+            json.dumps({"writer_pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
+        )
         self.skips = SkipCounter(config.max_logged_skips, what="sample")
         self.samples_written = 0
         self.shards: list[dict[str, Any]] = []
@@ -250,7 +260,8 @@ class ShardWriter:
             "max_shard_bytes": self.config.max_shard_bytes,
             **self.extra_stats,
         }
-        self.config.stats_path.write_text(json.dumps(self.stats, indent=2, ensure_ascii=False) + "\n")
+        _write_replacing(self.config.stats_path, json.dumps(self.stats, indent=2, ensure_ascii=False) + "\n")
+        self.config.incomplete_path.unlink(missing_ok=True)
         return self.stats
 
     def __enter__(self) -> ShardWriter:
@@ -259,9 +270,26 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:  # leave no half-written tar that looks complete: close it, stats are not written
-            self._close_shard()
+        else:  # close the last tar; no stats, and the _INCOMPLETE marker stays and says why
+            try:
+                self._close_shard()
+            except OSError:
+                pass
             self._closed = True
+            try:
+                self.config.incomplete_path.write_text(
+                    json.dumps({"writer_pid": os.getpid(), "failed": f"{exc_type.__name__}: {exc}"[:500],
+                                "samples_written": self.samples_written}) + "\n"
+                )
+            except OSError:
+                pass
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees all of it or none."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def parallel_map(
@@ -330,6 +358,11 @@ def _prepare_pair(item: PairItem, options: ImageOptions) -> _PreparedPair:
     captions = [c.strip() for c in item.captions if isinstance(c, str) and c.strip()]
     if not captions:
         return _PreparedPair(item, skip_reason="empty_caption", skip_detail="no non-empty caption")
+    for caption in captions:
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate (e.g. from a JSON "\\ud800" escape)
+            return _PreparedPair(item, skip_reason="invalid_caption", skip_detail=f"not encodable as UTF-8: {err}")
     item = PairItem(item.image, captions, item.source, item.meta)
     try:
         return _PreparedPair(item, image=prepare_image(item.image, options))

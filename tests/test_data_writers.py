@@ -257,3 +257,43 @@ def test_class_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert stats["samples_written"] == 4
     out = capsys.readouterr().out
     assert "wrote 4 pairs samples" in out and "skipped 0" in out
+
+
+# ------------------------------------------------------------------------------------------------ unfinished writers
+
+
+def test_a_writer_that_fails_leaves_a_marker_that_loaders_refuse(tmp_path):
+    from data_pipelines.reader import find_shards
+
+    config = ShardWriterConfig(out_dir=tmp_path, prefix="part", max_samples_per_shard=2)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        with ShardWriter(config) as writer:
+            for i in range(5):
+                writer.write({"jpg": image_bytes((i, 0, 0)), "txt": f"caption {i}"})
+            raise RuntimeError("disk gone")
+    assert len(list(tmp_path.glob("part-*.tar"))) == 3  # complete tars, but not the whole data set
+    assert not config.stats_path.exists()
+    marker = json.loads(config.incomplete_path.read_text())
+    assert marker["failed"] == "RuntimeError: disk gone" and marker["samples_written"] == 5
+    with pytest.raises(ValueError, match=r"part-\*\.tar were left by a writer that did not finish \(.*part_INCOMPLETE"):
+        find_shards(tmp_path)
+    with pytest.raises(ValueError, match="did not finish"):
+        find_shards(str(tmp_path / "part-{000000..000002}.tar"))
+    config = ShardWriterConfig(out_dir=tmp_path, prefix="part", max_samples_per_shard=2, overwrite=True)
+    with ShardWriter(config) as writer:
+        assert config.incomplete_path.exists()  # present while writing
+        writer.write({"jpg": image_bytes((1, 2, 3)), "txt": "again"})
+    assert not config.incomplete_path.exists() and config.stats_path.exists()
+    assert [p.name for p in find_shards(tmp_path)[0]] == ["part-000000.tar"]
+
+
+def test_a_caption_that_is_not_utf8_encodable_is_skipped_and_counted(tmp_path):
+    from data_pipelines.shards import PairItem, write_pairs
+
+    items = [
+        PairItem(image_bytes((10, 10, 10)), ["fine"], "a"),
+        PairItem(image_bytes((20, 20, 20)), ["lone \ud800 surrogate"], "b"),
+        PairItem(image_bytes((30, 30, 30)), ["also fine"], "c"),
+    ]
+    stats = write_pairs(items, ShardWriterConfig(out_dir=tmp_path, prefix="p"), show_progress=False)
+    assert stats["samples_written"] == 2 and stats["skipped"] == {"invalid_caption": 1}

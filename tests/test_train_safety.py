@@ -531,3 +531,48 @@ def test_train_py_exits_with_code_2_when_the_output_dir_is_taken(cache, tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"'{tmp_path}' is in use by another run (pid {holder.pid} on host" in proc.stderr
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+
+
+class FullDiskEngine(FakeEngine):
+    """Writes part of a file, then fails as torch does when the disk is full."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def save_checkpoint(self, save_dir, tag, save_latest, exclude_frozen_parameters):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / MODEL_FILE).write_bytes(b"partial")
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error, free",
+    [
+        (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"), 0),
+        (OSError(28, "No space left on device"), 10 * 2**30),
+    ],
+)
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch, error, free):
+    import shutil
+    from collections import namedtuple
+
+    manager = _save_steps(tmp_path, [10])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - free, free))
+    with pytest.raises(CheckpointError) as err:
+        manager.save(FullDiskEngine(error), 20, {"step": 20, "world_size": 1, "rng": capture_rng()})
+    message = str(err.value)
+    assert "No space left on device writing checkpoint step_00000020" in message
+    assert str(tmp_path) in message and f"the previous checkpoint {tmp_path / 'step_00000010'} is intact" in message
+    assert not (tmp_path / ".staging" / "step_00000020").exists()  # no partial file left behind
+    assert manager.latest() == tmp_path / "step_00000010"
+
+
+def test_other_checkpoint_write_errors_name_the_checkpoint(tmp_path):
+    manager = _save_steps(tmp_path, [])
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step_00000005 to .*\.staging failed \(PermissionError"):
+        manager.save(FullDiskEngine(PermissionError("denied")), 5, {"step": 5, "world_size": 1, "rng": capture_rng()})

@@ -27,6 +27,7 @@ weights are loaded strictly: the checkpoint must hold exactly the tensors the mo
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 STAGING = ".staging"
+#: Free space below which a failed checkpoint write is reported as a full disk.
+LOW_DISK_BYTES = 64 * 2**20
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 STATE_VERSION = 2  # 1: pickled trainer_state_rank<r>.pt (no longer read: loading a pickle can run code)
@@ -374,14 +377,19 @@ class CheckpointManager:
             staging_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging_root / tag, ignore_errors=True)
         barrier()
-        engine.save_checkpoint(str(staging_root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
-        state_path = staging_root / tag / state_file(self.ctx.rank)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             text = json.dumps({"version": STATE_VERSION, **trainer_state})
         except TypeError as e:
             raise CheckpointError(f"trainer state of rank {self.ctx.rank} is not plain JSON data: {e}") from None
-        _write_durably(state_path, text)
+        try:
+            engine.save_checkpoint(str(staging_root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+            state_path = staging_root / tag / state_file(self.ctx.rank)
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            _write_durably(state_path, text)
+        except Exception as e:  # noqa: BLE001 - torch reports a full disk as "basic_ios::clear" / "unexpected pos"
+            message = self._describe_write_failure(e, staging_root / tag)  # free space before the cleanup
+            shutil.rmtree(staging_root / tag, ignore_errors=True)
+            raise CheckpointError(message) from e
         barrier()
         error = None
         if self.ctx.is_main:
@@ -394,6 +402,24 @@ class CheckpointManager:
         if error is not None:
             raise CheckpointError(f"could not publish checkpoint {tag} in {self.dir}: {error}")
         return self.dir / tag
+
+    def _describe_write_failure(self, error: Exception, staged: Path) -> str:
+        """What went wrong writing ``staged``, saying "No space left on device" and the free space when that is it."""
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            free = None
+        latest = self.latest()
+        kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+        if full or (free is not None and free < LOW_DISK_BYTES):
+            return (
+                f"No space left on device writing checkpoint {staged.name} to {staged.parent} "
+                f"({'unknown' if free is None else f'{free / 2**20:.1f} MiB'} free on its file system; "
+                f"{type(error).__name__}: {error}); its partial files are removed and {kept}. Free space or point "
+                "checkpoint.dir elsewhere, then run again to resume"
+            )
+        return f"writing checkpoint {staged.name} to {staged.parent} failed ({type(error).__name__}: {error}); {kept}"
 
     def _seal(self, staged: Path) -> None:
         """Check the staged checkpoint is complete, fsync it and write its manifest (rank 0)."""

@@ -66,7 +66,7 @@ def test_a_signal_checkpoints_the_current_step_and_the_rerun_resumes_there(cache
     assert last > 10, _steps(out)  # the step it stopped at
     assert f"received {signal.Signals(sig).name}" in stderr
     assert f"checkpoint of step {last} at" in stderr and "run again to resume" in stderr
-    assert not any((out / "checkpoints" / ".staging").glob("step_*"))
+    assert not (out / "checkpoints" / ".staging").exists()
     rerun = subprocess.run(
         [sys.executable, "training/train.py", *small_args(cache, out, f"run.max_steps={last + 1}")],
         cwd=ROOT,

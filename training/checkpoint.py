@@ -396,6 +396,10 @@ class CheckpointManager:
             try:
                 self._seal(staging_root / tag)
                 self._publish(staging_root / tag, tag)
+                try:
+                    staging_root.rmdir()  # only when empty: nothing is left half-written
+                except OSError:
+                    pass
             except (OSError, CheckpointError) as e:
                 error = f"{type(e).__name__}: {e}"
         error = broadcast_object(error)

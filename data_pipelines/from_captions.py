@@ -74,7 +74,9 @@ def _read_csv(path: Path, image_column: str, caption_column: str) -> list[tuple[
     return read_caption_csv(path, image_column, caption_column)
 
 
-def read_caption_csv(path: str | Path, image_column: str = "image", caption_column: str = "caption") -> list[tuple[str, str]]:
+def read_caption_csv(
+    path: str | Path, image_column: str = "image", caption_column: str = "caption"
+) -> list[tuple[str, str]]:
     """(image, caption) rows of a CSV caption file with a header, read strictly: every row must have exactly the
     header's fields (a caption with commas must be quoted), no quoted field may run over several lines (an
     unterminated quote), and the file must be UTF-8. Any other row is a ValueError naming the file and the line,
@@ -120,7 +122,7 @@ def read_caption_csv(path: str | Path, image_column: str = "image", caption_colu
         except UnicodeDecodeError as err:
             raise ValueError(
                 f"{path}: not UTF-8 after line {reader.line_num} (byte {err.start} of a read block: "
-                f"{err.object[err.start:err.start + 4]!r}); re-save the file as UTF-8"
+                f"{err.object[err.start : err.start + 4]!r}); re-save the file as UTF-8"
             ) from None
     return rows
 

@@ -135,8 +135,9 @@ def load_image(source: str | Path | bytes, *, name: str | None = None) -> Image.
             image.load()  # forces a full decode: catches truncated data that Image.open alone would not
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(
-            "image_too_large", name, f"refused as a possible decompression bomb ({err}); PIL.Image.MAX_IMAGE_PIXELS "
-            "sets the limit"
+            "image_too_large",
+            name,
+            f"refused as a possible decompression bomb ({err}); PIL.Image.MAX_IMAGE_PIXELS sets the limit",
         ) from None
     except Exception as err:  # PIL raises many exception types for bad data
         raise ImageLoadError("broken_image", name, f"not a readable image ({type(err).__name__}: {err})") from None

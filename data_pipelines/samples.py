@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,7 +116,9 @@ def decode_document(raw: dict[str, bytes], max_images: int) -> Document:
         if len(images) >= max_images:
             break
         try:
-            images.append(decode_image(_document_image_bytes(raw, info), _member_name(raw, str(info.get("member", "image")))))
+            images.append(
+                decode_image(_document_image_bytes(raw, info), _member_name(raw, str(info.get("member", "image"))))
+            )
             sentences.append(info["matched_text_index"])
         except SampleSkip as skip:
             dropped.append(skip.reason)

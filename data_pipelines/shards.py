@@ -278,8 +278,14 @@ class ShardWriter:
             self._closed = True
             try:
                 self.config.incomplete_path.write_text(
-                    json.dumps({"writer_pid": os.getpid(), "failed": f"{exc_type.__name__}: {exc}"[:500],
-                                "samples_written": self.samples_written}) + "\n"
+                    json.dumps(
+                        {
+                            "writer_pid": os.getpid(),
+                            "failed": f"{exc_type.__name__}: {exc}"[:500],
+                            "samples_written": self.samples_written,
+                        }
+                    )
+                    + "\n"
                 )
             except OSError:
                 pass

@@ -42,7 +42,9 @@ def test_a_malformed_row_names_the_file_and_line(tmp_path, bad_row, message):
 
 def test_an_unterminated_quote_is_an_error_not_a_swallowed_caption(tmp_path):
     path = _write(tmp_path, 'image,caption\na.jpg,"an open quote .\nb.jpg,swallowed .\nc.jpg,also swallowed .\n')
-    with pytest.raises(ValueError, match=r"captions.txt:2: malformed CSV \(unexpected end of data\) \(an unterminated quote\?\)"):
+    with pytest.raises(
+        ValueError, match=r"captions.txt:2: malformed CSV \(unexpected end of data\) \(an unterminated quote\?\)"
+    ):
         read_caption_csv(path)
     closed_later = _write(tmp_path, 'image,caption\na.jpg,"open .\nb.jpg,swallowed .\nc.jpg,closed"\nd.jpg,ok .\n')
     with pytest.raises(ValueError, match=r"captions.txt:2-4: a quoted field runs over 3 lines"):

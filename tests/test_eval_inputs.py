@@ -46,10 +46,40 @@ def test_a_second_evaluation_on_the_same_out_is_refused_before_loading(tmp_path)
     first = OutputDirLock(out, key="--out").acquire()
     try:
         with pytest.raises(SystemExit, match=r"--out: '.*out' is in use by another run \(pid \d+"):
-            eval_main(["binding", "--data", str(root), "--model-dir", str(tmp_path / "no-model"), "--ways", "2",
-                       "--shots", "1", "--episodes", "2", "--out", str(out)])
+            eval_main(
+                [
+                    "binding",
+                    "--data",
+                    str(root),
+                    "--model-dir",
+                    str(tmp_path / "no-model"),
+                    "--ways",
+                    "2",
+                    "--shots",
+                    "1",
+                    "--episodes",
+                    "2",
+                    "--out",
+                    str(out),
+                ]
+            )
     finally:
         first.release()
     with pytest.raises(FileNotFoundError, match="no-model"):  # free again: it goes on to load the (absent) model
-        eval_main(["binding", "--data", str(root), "--model-dir", str(tmp_path / "no-model"), "--ways", "2",
-                   "--shots", "1", "--episodes", "2", "--out", str(out)])
+        eval_main(
+            [
+                "binding",
+                "--data",
+                str(root),
+                "--model-dir",
+                str(tmp_path / "no-model"),
+                "--ways",
+                "2",
+                "--shots",
+                "1",
+                "--episodes",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )

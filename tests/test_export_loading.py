@@ -32,7 +32,9 @@ def test_integer_and_bool_weights_are_refused_by_name(tmp_path):
     directory, tensors = _saved(tmp_path)
     name = "perceiver.latents"
     save_file({**tensors, name: tensors[name].to(torch.int32)}, str(directory / WEIGHTS))
-    with pytest.raises(ValueError, match=r"must be floating point; 1 tensor\(s\) are not: perceiver.latents \(torch.int32\)"):
+    with pytest.raises(
+        ValueError, match=r"must be floating point; 1 tensor\(s\) are not: perceiver.latents \(torch.int32\)"
+    ):
         Flamingo.from_pretrained(directory)
     gate = next(n for n in tensors if n.endswith("attn_gate"))
     save_file({**tensors, gate: tensors[gate] > 0}, str(directory / WEIGHTS))
@@ -45,7 +47,9 @@ def test_nan_and_inf_weights_are_refused_by_name(tmp_path):
     latents = tensors["perceiver.latents"].clone()
     latents.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     save_file({**tensors, "perceiver.latents": latents}, str(directory / WEIGHTS))
-    with pytest.raises(ValueError, match=r"non-finite values in 1 tensor\(s\): perceiver.latents \(3 of \d+ values NaN/Inf\)"):
+    with pytest.raises(
+        ValueError, match=r"non-finite values in 1 tensor\(s\): perceiver.latents \(3 of \d+ values NaN/Inf\)"
+    ):
         Flamingo.from_pretrained(directory)
 
 
@@ -64,11 +68,10 @@ def test_vlm_eval_refuses_a_model_with_non_finite_outputs(tmp_path, monkeypatch)
 
 
 def _tiny_export(tmp_path: Path) -> Path:
+    import vlm
     from training.config import TinyBasesConfig
     from training.modeling import export_pretrained
     from training.tiny_bases import ensure_tiny_bases
-
-    import vlm
 
     bases = ensure_tiny_bases(TinyBasesConfig(), tmp_path / "cache")
     torch.manual_seed(0)
@@ -144,7 +147,17 @@ def test_generate_loads_an_export_with_its_bundled_vision_config(tmp_path):
     query = tmp_path / "q.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(query)
     result = subprocess.run(
-        [sys.executable, "-m", "vlm.generate", "--model-dir", str(original), "--query", str(query), "--max-new-tokens", "3"],
+        [
+            sys.executable,
+            "-m",
+            "vlm.generate",
+            "--model-dir",
+            str(original),
+            "--query",
+            str(query),
+            "--max-new-tokens",
+            "3",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -25,7 +25,9 @@ def cache(tmp_path_factory):
 
 
 def _start(cache, out: Path, *extra: str) -> subprocess.Popen:
-    args = small_args(cache, out, "run.max_steps=100000", "checkpoint.every_steps=10", "checkpoint.keep_last=100", *extra)
+    args = small_args(
+        cache, out, "run.max_steps=100000", "checkpoint.every_steps=10", "checkpoint.keep_last=100", *extra
+    )
     return subprocess.Popen(
         [sys.executable, "training/train.py", *args],
         cwd=ROOT,
@@ -91,7 +93,7 @@ def test_a_rank_whose_launcher_is_gone_stops(tmp_path):
     """A stand-in launcher ('deepspeed' in its command line) starts a child that watches it; killing the launcher
     makes the child report the request instead of running on as an orphan."""
     child = (
-        "import sys, time; sys.path.insert(0, %r)\n"
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
         "from training.preemption import StopRequests, launcher_ancestors\n"
         "print(len(launcher_ancestors()), flush=True)\n"
         "with StopRequests() as r:\n"
@@ -99,7 +101,7 @@ def test_a_rank_whose_launcher_is_gone_stops(tmp_path):
         "        if r.pending():\n"
         "            print('stopped:', r.reason, flush=True); break\n"
         "        time.sleep(0.05)\n"
-    ) % str(ROOT)
+    )
     script = tmp_path / "child.py"
     script.write_text(child)
     launcher = tmp_path / "fake-deepspeed-launcher.py"

@@ -574,5 +574,7 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
 
 def test_other_checkpoint_write_errors_name_the_checkpoint(tmp_path):
     manager = _save_steps(tmp_path, [])
-    with pytest.raises(CheckpointError, match=r"writing checkpoint step_00000005 to .*\.staging failed \(PermissionError"):
+    with pytest.raises(
+        CheckpointError, match=r"writing checkpoint step_00000005 to .*\.staging failed \(PermissionError"
+    ):
         manager.save(FullDiskEngine(PermissionError("denied")), 5, {"step": 5, "world_size": 1, "rng": capture_rng()})

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .distributed import DistContext, barrier, broadcast_object
+from .preemption import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -576,16 +577,6 @@ def apply_configured_schedule(
 # ---------------------------------------------------------------------------------------------- export leftovers
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_export_leftovers(export_dir: Path, exclusive: bool) -> list[str]:
     """Remove what a run killed during export leaves next to ``export_dir``: ``.<name>-old-<pid>`` (the previous
     export, moved aside) and ``.<name>-XXXX`` staging directories. Nothing is put back: if the kill left no export,
@@ -604,7 +595,7 @@ def clean_export_leftovers(export_dir: Path, exclusive: bool) -> list[str]:
         if not p.is_dir() or not p.name.startswith(f".{export_dir.name}-"):
             continue
         m = old_re.match(p.name)
-        if exclusive or (m is not None and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))):
+        if exclusive or (m is not None and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1)))):
             shutil.rmtree(p, ignore_errors=True)
             done.append(f"removed {p} (left by an interrupted export)")
     return done

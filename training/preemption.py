@@ -70,7 +70,8 @@ def launcher_ancestors(max_depth: int = 6) -> list[tuple[int, str]]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -128,7 +129,7 @@ class StopRequests:
         if self.signum is not None:
             return True
         for pid, command in self._launchers:
-            if not _alive(pid):
+            if not pid_alive(pid):
                 self.signum = signal.SIGTERM
                 self.reason = f"the launcher (pid {pid}: {command.strip()[:80]}) is gone"
                 print(f"\n{self.reason}: writing a checkpoint and stopping", file=sys.stderr, flush=True)

@@ -49,6 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--num-beams must be >= 1, got {args.num_beams}")
     import open_clip
     import torch
+
     from data_pipelines.images import ImageLoadError, load_image
 
     from .few_shot import few_shot

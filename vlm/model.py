@@ -442,7 +442,11 @@ def _bundled_base_paths(config: dict, directory: Path) -> dict:
         path = Path(value)
         if value.startswith("./") and path.parts[:1] == (BUNDLED_BASES,):
             resolved[key] = str((directory / path).resolve())
-        elif path.is_absolute() and path.parent.name == BUNDLED_BASES and (directory / BUNDLED_BASES / path.name).is_dir():
+        elif (
+            path.is_absolute()
+            and path.parent.name == BUNDLED_BASES
+            and (directory / BUNDLED_BASES / path.name).is_dir()
+        ):
             resolved[key] = str((directory / BUNDLED_BASES / path.name).resolve())
     return resolved
 

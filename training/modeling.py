@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm.config import FlamingoConfig
+from vlm.model import BUNDLED_BASES
 
 from .config import ModelConfig
 from .optim import LR_SCALE_ATTR
@@ -216,10 +217,10 @@ def export_pretrained(model: nn.Module, directory: Path, tiny: Optional[TinyBase
     saved_config = model.config
     try:
         if tiny is not None:  # the config names them relative to the export: a copy loads its own
-            bases = Path(".") / "bases"
-            shutil.copytree(tiny.clip_config_dir, staging / "bases" / "open_clip")
-            shutil.copytree(tiny.lang_encoder_path, staging / "bases" / "lm")
-            shutil.copytree(tiny.tokenizer_path, staging / "bases" / "tokenizer")
+            bases = Path(".") / BUNDLED_BASES
+            shutil.copytree(tiny.clip_config_dir, staging / BUNDLED_BASES / "open_clip")
+            shutil.copytree(tiny.lang_encoder_path, staging / BUNDLED_BASES / "lm")
+            shutil.copytree(tiny.tokenizer_path, staging / BUNDLED_BASES / "tokenizer")
             model.config = type(saved_config)(
                 **{
                     **saved_config.to_dict(),
@@ -244,15 +245,10 @@ def export_pretrained(model: nn.Module, directory: Path, tiny: Optional[TinyBase
 
 
 def load_exported(directory: str | os.PathLike):
-    """``Flamingo.from_pretrained`` of an export, registering its bundled open_clip config (tiny bases) first.
+    """``Flamingo.from_pretrained`` of an export (which registers its bundled open_clip config, tiny bases, first).
 
-    Equivalent command line: ``python -m vlm.generate --model-dir DIR --clip-config DIR/bases/open_clip ...``.
+    Equivalent command line: ``python -m vlm.generate --model-dir DIR ...``.
     """
-    import open_clip
-
     from vlm import Flamingo
 
-    clip_configs = Path(directory) / "bases" / "open_clip"
-    if clip_configs.is_dir():
-        open_clip.add_model_config(clip_configs)
     return Flamingo.from_pretrained(directory)

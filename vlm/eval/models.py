@@ -63,10 +63,7 @@ def load_model(
         open_clip.add_model_config(path)
     if model_dir is not None:
         model_dir = Path(model_dir)
-        bundled = model_dir / "bases" / "open_clip"
-        if bundled.is_dir():
-            open_clip.add_model_config(bundled)
-        model = Flamingo.from_pretrained(model_dir, **config_kwargs)
+        model = Flamingo.from_pretrained(model_dir, **config_kwargs)  # registers DIR/bases/open_clip itself
         identity = {
             "source": "export",
             "path": str(model_dir.resolve()),

@@ -28,6 +28,7 @@ class ResamplerBlock(nn.Module):
         widening_factor: int,
         gelu_approximate: GeluApproximate = "none",
         layer_norm_eps: float = 1e-5,
+        input_channels: Optional[int] = None,
     ):
         super().__init__()
         self.media_norm = nn.LayerNorm(num_channels, eps=layer_norm_eps)
@@ -64,6 +65,8 @@ class PerceiverResampler(nn.Module):
     many): without them the resampler is invariant to the order of the tokens, so it cannot tell where in the
     image a feature was unless the features say so themselves (a ViT's do; a CNN's grid mostly does not).
     ``media_mask`` (B, T_img), True = image present: the latents of absent (padding) images are zero.
+    ``input_channels``: the features' width when it differs from ``num_channels``: a learned linear projection
+    maps them to ``num_channels`` first (a resampler narrower than a wide tower costs a fraction of the compute).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class PerceiverResampler(nn.Module):
         max_num_media_tokens: Optional[int] = None,
         gelu_approximate: GeluApproximate = "none",
         layer_norm_eps: float = 1e-5,
+        input_channels: Optional[int] = None,
     ):
         super().__init__()
         for name, value in (
@@ -95,10 +99,13 @@ class PerceiverResampler(nn.Module):
             ("max_num_media", max_num_media),
             ("max_num_frames", max_num_frames),
             ("max_num_media_tokens", max_num_media_tokens),
+            ("input_channels", input_channels),
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"PerceiverResampler.{name} must be None or a positive int, got {value!r}")
         self.num_channels = num_channels
+        self.input_channels = input_channels or num_channels
+        self.input_projection = nn.Linear(input_channels, num_channels) if input_channels else None
         self.num_latents = num_latents
         self.max_num_media = max_num_media
         self.max_num_frames = max_num_frames
@@ -122,13 +129,16 @@ class PerceiverResampler(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"expected media features (B, T_img, F, v, D), got shape {tuple(x.shape)}")
         b, t, f, v, d = x.shape
-        if d != self.num_channels:
-            raise ValueError(f"media features have {d} channels, the resampler expects {self.num_channels}")
+        if d != self.input_channels:
+            raise ValueError(f"media features have {d} channels, the resampler expects {self.input_channels}")
         if media_mask is not None and (media_mask.shape != (b, t) or media_mask.dtype != torch.bool):
             raise ValueError(
                 f"media_mask must be a bool tensor of shape (B, T_img)={(b, t)}, "
                 f"got {media_mask.dtype} {tuple(media_mask.shape)}"
             )
+        if self.input_projection is not None:
+            x = self.input_projection(x)
+            d = self.num_channels
         if self.token_embeddings is not None:
             if v > self.max_num_media_tokens:
                 raise ValueError(f"{v} tokens per frame, but max_num_media_tokens={self.max_num_media_tokens}")

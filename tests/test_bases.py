@@ -195,3 +195,20 @@ def test_two_processes_preparing_at_once_prepare_once(tmp_path):
     assert sum("preparing efficientnet-lite0" in out for out in outputs) == 1, outputs
     assert bases.is_prepared("efficientnet-lite0", root=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["efficientnet-lite0"]
+
+
+def test_tower_at_a_smaller_image_size(lite0):
+    """vision_image_size: the transform resizes to it and the tower gives the coarser grid of the same features
+    (a 64-px scene at 128 px: 4 x 4 tokens of 1280 channels; the weights are the same pretrained ones)."""
+    from PIL import Image
+
+    encoder, preprocess = vlm.create_vision_encoder("efficientnet-lite0", "imagenet", image_size=128)
+    image = Image.new("RGB", (64, 64), (220, 45, 45))
+    pixels = preprocess(image)
+    assert pixels.shape == (3, 128, 128)
+    with torch.no_grad():
+        tokens = encoder(pixels[None])
+    assert tokens.shape == (1, 16, 1280)
+    full_encoder, _ = lite0
+    for (name, a), (_, b) in zip(encoder.state_dict().items(), full_encoder.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -120,6 +120,24 @@ def test_gradients_reach_all_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_input_projection_to_a_narrower_width():
+    """input_channels: wide features are projected to the resampler's width; the projection is the first step."""
+    r = _resampler(input_channels=3 * D).train()
+    x = torch.randn(2, 2, 1, 7, 3 * D)
+    out = r(x)
+    assert out.shape == (2, 2, 5, D)
+    out.square().sum().backward()
+    assert r.input_projection.weight.grad.abs().sum() > 0
+    plain = _resampler()
+    plain.load_state_dict({k: v for k, v in r.state_dict().items() if not k.startswith("input_projection.")})
+    with torch.no_grad():
+        torch.testing.assert_close(r.eval()(x), plain(r.input_projection(x)))
+    with pytest.raises(ValueError, match=f"media features have {D} channels, the resampler expects {3 * D}"):
+        r(torch.randn(1, 1, 1, 7, D))
+    with pytest.raises(ValueError, match="input_channels"):
+        PerceiverResampler(D, input_channels=0)
+
+
 def test_validation_errors():
     with pytest.raises(ValueError, match="depth"):
         PerceiverResampler(D, depth=0)

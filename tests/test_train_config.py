@@ -298,7 +298,7 @@ def _other_value(f, default):
         return not default
     if isinstance(default, int):
         return default + 1
-    if f.name in ("max_num_media", "max_num_frames", "max_num_media_tokens"):
+    if f.name in ("max_num_media", "max_num_frames", "max_num_media_tokens", "resampler_channels", "vision_image_size"):
         return 3
     return f"custom-{f.name}"  # names, paths, decoder_layers_attr_name
 

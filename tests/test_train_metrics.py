@@ -82,3 +82,52 @@ def test_latest_pointer(tmp_path):
     with pytest.raises(RuntimeError, match="step_00000009"):
         manager.latest()
     assert tag_for(123456789) == "step_123456789" and TAG_RE.match(tag_for(123456789))
+
+
+def _binding_results() -> dict:
+    """An evaluate_binding result of two settings with hand-made predictions."""
+
+    def run(ways, shots, ablated, correct):
+        preds = [{"query_class": c, "correct": ok} for c, ok in correct]
+        acc = 100.0 * sum(ok for _, ok in correct) / len(correct)
+        return {"ways": ways, "shots": shots, "ablate_images": ablated, "mean": {"accuracy": acc},
+                "trials": [{"predictions": preds}]}  # fmt: skip
+
+    seen, new = "red circle", "blue circle"
+    return {
+        "runs": [
+            run(2, 1, False, [(seen, True), (seen, True), (new, False), (new, True)]),
+            run(2, 1, True, [(seen, False), (seen, True), (new, False), (new, False)]),
+            run(2, 0, False, [(seen, False), (seen, False), (new, False), (new, False)]),
+            run(2, 0, True, [(seen, False), (seen, False), (new, False), (new, False)]),
+        ],
+        "prototype": {"2-way": {"1": {"mean": 90.0}}},
+    }
+
+
+def test_binding_table_splits_by_the_training_classes(tmp_path):
+    from training.evaluation import binding_table, format_binding_rows
+
+    rows = binding_table(_binding_results(), {"red circle"})
+    assert [(r["ways"], r["shots"]) for r in rows] == [(2, 0), (2, 1)]
+    one = rows[1]
+    assert (one["accuracy"], one["ablated"], one["prototype"], one["chance"]) == (75.0, 25.0, 90.0, 50.0)
+    assert (one["trained"], one["held_out"]) == (100.0, 50.0)
+    assert (one["trained_episodes"], one["held_out_episodes"]) == (2, 2)
+    assert rows[0]["prototype"] is None and rows[0]["accuracy"] == 0.0
+    everything = binding_table(_binding_results(), {"red circle", "blue circle"})
+    assert everything[1]["held_out"] is None and everything[1]["trained"] == 75.0
+    text = format_binding_rows(rows)
+    assert "held-out" in text and "  2     1    75.0    100.0      50.0     25.0       90.0    50.0" in text
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(progress_bar=False, tensorboard=False), True, 0, 2)
+    logger.log_step(_record(1, 2.0), seconds=0.5)
+    logger.close()
+    final = {"images": {"attribute_accuracy": 0.7}, "ablated": {"attribute_accuracy": 0.1},
+             "binding": {"table": rows}}  # fmt: skip
+    png = plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.png", final=final)
+    from PIL import Image
+
+    assert (
+        Image.open(png).size[0] > Image.open(plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "c2.png")).size[0]
+    )

@@ -32,6 +32,12 @@ def test_default_job_on_pretrained_bases(tmp_path):
         "eval.every_steps=0",
         "eval.final_queries=4",
         "eval.max_new_tokens=6",
+        "eval.binding_episodes=4",
+        "eval.binding_ways=[2, 3]",
+        "eval.binding_shots=[0, 1]",
+        "data.episodes={sources: [{shards: 'synthetic:pairs'}], batch_size: 1, max_length: 64, max_images: 4, "
+        "min_images: 3, episodes: {ways: [2, 2], shots: [1, 1], queries: [1, 1], loss_on: answers, "
+        "classes: ['red circle', 'green square', 'blue triangle']}}",
         "checkpoint.every_steps=0",
         "logging.progress_bar=false",
         "logging.tensorboard=false",
@@ -50,6 +56,16 @@ def test_default_job_on_pretrained_bases(tmp_path):
         "exact_match", "well_formed", "attribute_accuracy", "position_accuracy", "shape_accuracy", "colour_accuracy",
         "count_accuracy",
     }  # fmt: skip
+    # the binding table: every (ways, shots) with its controls, split by the training episodes' classes
+    assert "binding: held-out scenes named with made-up words" in proc.stdout
+    rows = report["binding"]["table"]
+    assert [(r["ways"], r["shots"]) for r in rows] == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    assert report["binding"]["trained_classes"] == ["blue triangle", "green square", "red circle"]
+    assert len(report["binding"]["held_out_classes"]) == 12
+    for r in rows:
+        assert r["trained_episodes"] + r["held_out_episodes"] == 4
+        assert (r["prototype"] is None) == (r["shots"] == 0) and r["ablated"] is not None
+    assert (out / "binding.json").is_file()
     # the export holds the added parts only: the frozen bases are rebuilt from their names
     from safetensors import safe_open
 

@@ -189,6 +189,35 @@ def test_trainable_parameters_and_gradients(llama):
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_only_gives_the_same_loss_and_gradients(family):
+    """loss_only computes the head at the labelled positions only: same loss, same gradients, fewer logits."""
+    model, _, tok = build_model(family)
+    set_gates(model, 0.5)
+    enc = _encode(tok, [PROMPT, "<image>a cat on a mat<|endofchunk|>"])
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    labels[:, :3] = -100
+    images = random_images(2, 3, 1)
+    results = []
+    for loss_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model(images, enc.input_ids, attention_mask=enc.attention_mask, labels=labels, loss_only=loss_only)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (only, only_grads) = results
+    n = int((labels[:, 1:] != -100).sum())
+    assert only.logits.shape == (1, n, full.logits.shape[-1])
+    torch.testing.assert_close(only.loss, full.loss, rtol=1e-5, atol=1e-6)
+    selected = torch.zeros_like(labels, dtype=torch.bool)
+    selected[:, :-1] = labels[:, 1:] != -100
+    torch.testing.assert_close(only.logits[0], full.logits[selected], rtol=1e-5, atol=1e-5)
+    assert full_grads.keys() == only_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(only_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad(set_to_none=True)
+
+
 def test_training_steps_lower_the_loss_and_leave_the_bases_untouched():
     model, _, tok = build_model("gpt2")
     model.train()

@@ -51,6 +51,19 @@ def test_round_trip(tmp_path, pretrained):
     assert torch.equal(_logits(again, tok), _logits(model, tok))
 
 
+def test_round_trip_with_a_narrower_resampler(tmp_path):
+    """resampler_channels: the tower's features are projected down; media, cross-attention and export follow."""
+    model, _, tok = build_model("llama", resampler_channels=12)
+    assert model.perceiver.num_channels == 12 and model.perceiver.input_projection.in_features == 32
+    assert all(block.attention.k_proj.in_features == 12 for block in model.gated_cross_attn_layers)
+    _perturb_added(model)
+    model.save_pretrained(tmp_path)
+    assert "perceiver.input_projection.weight" in set(load_file(str(tmp_path / "flamingo_weights.safetensors")))
+    again = Flamingo.from_pretrained(tmp_path).eval()
+    assert again.config.resampler_channels == 12
+    assert torch.equal(_logits(again, tok), _logits(model, tok))
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="flamingo_config.json"):
         Flamingo.from_pretrained(tmp_path)

@@ -445,7 +445,13 @@ class EvalConfig(Section):
     sample's images taken from another sample of its batch -- the gap is what the images say about their own text,
     without the constant image's penalty for being out of distribution -- and a few generations) and the final few-shot
     demonstration: ``final_queries`` held-out images captioned after ``num_shots`` demonstrations, scored, and with
-    ``final_ablation`` scored again with every image replaced by a constant one (what the text alone gives)."""
+    ``final_ablation`` scored again with every image replaced by a constant one (what the text alone gives).
+
+    final_binding: after the captions, the model is shown held-out one-group scenes as binding episodes with words
+    of the evaluation pool ("This is a dax.") and names the query scene (:mod:`vlm.eval.binding`): open-ended
+    accuracy for ``binding_ways`` x ``binding_shots`` on ``binding_episodes`` episodes each, with the image-ablated
+    control and the prototype reference, split by whether the query's class was among the training episodes'
+    classes. Needs ``data.synthetic`` (the scenes)."""
 
     every_steps: NonNegativeInt = 100
     batches: NonNegativeInt = 2
@@ -457,6 +463,10 @@ class EvalConfig(Section):
     final_few_shot: StrictBool = True
     final_queries: NonNegativeInt = 64
     final_ablation: StrictBool = True
+    final_binding: StrictBool = True
+    binding_ways: list[Annotated[int, Field(ge=2, le=15)]] = Field(default_factory=lambda: [2, 5], min_length=1)
+    binding_shots: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 3], min_length=1)
+    binding_episodes: PositiveInt = 50
 
     def uses_held_out(self) -> bool:
         return self.final_few_shot or bool(self.every_steps and (self.batches or self.num_generations))
@@ -499,6 +509,12 @@ class TrainConfig(Section):
                     ">= 2 with eval.shuffled_loss (each held-out sample takes the images of another in its batch)",
                     self.data.val.batch_size,
                 )
+        if ev.final_binding and self.data.synthetic is None:
+            raise invalid(
+                "eval.final_binding",
+                "the final binding table reads held-out generated scenes: it needs data.synthetic (it is null); "
+                "set eval.final_binding=false or evaluate with python -m vlm.eval binding",
+            )
         held_out = self.data.held_out_size()
         if ev.uses_demonstrations() and held_out is not None and ev.num_shots >= held_out:
             raise invalid(

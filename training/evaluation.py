@@ -90,6 +90,7 @@ def held_out_loss(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
+            loss_only=True,
             media_mask=batch["media_mask"],
         )
         n = target_tokens(batch["labels"])
@@ -234,3 +235,52 @@ def score_scene_captions(samples: list[FewShotSample]) -> dict[str, float]:
         "position_accuracy": share(positions),
         **{f"{attr}_accuracy": share(right[attr]) for attr in SCENE_ATTRIBUTES},
     }
+
+
+def binding_table(results: dict[str, Any], trained_classes: set[str]) -> list[dict[str, Any]]:
+    """Rows (ways, shots) of a :func:`vlm.eval.binding.evaluate_binding` result: open-ended accuracy, its
+    image-ablated control, the prototype reference and chance, and the accuracy on the episodes whose query class
+    was (``trained``) or was not (``held_out``) among the training episodes' classes (None where there are none)."""
+    ablated = {(r["ways"], r["shots"]): r["mean"]["accuracy"] for r in results["runs"] if r["ablate_images"]}
+    rows = []
+    for run in results["runs"]:
+        if run["ablate_images"]:
+            continue
+        w, k = run["ways"], run["shots"]
+        records = [rec for trial in run["trials"] for rec in trial["predictions"]]
+        split = {}
+        for name, keep in (("trained", True), ("held_out", False)):
+            chosen = [rec["correct"] for rec in records if (rec["query_class"] in trained_classes) == keep]
+            split[name] = 100.0 * sum(chosen) / len(chosen) if chosen else None
+            split[f"{name}_episodes"] = len(chosen)
+        proto = results.get("prototype", {}).get(f"{w}-way", {}).get(str(k))
+        rows.append(
+            {
+                "ways": w,
+                "shots": k,
+                "accuracy": run["mean"]["accuracy"],
+                "ablated": ablated.get((w, k)),
+                "prototype": None if proto is None else proto["mean"],
+                "chance": 100.0 / w,
+                **split,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["ways"], r["shots"]))
+
+
+def format_binding_rows(rows: list[dict[str, Any]]) -> str:
+    """The binding table as aligned text: one line per (ways, shots)."""
+
+    def pct(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [
+        f"  {'ways':>4} {'shots':>5} {'model':>7} {'trained':>8} {'held-out':>9} {'ablated':>8} "
+        f"{'prototype':>10} {'chance':>7}   (accuracy %; trained / held-out: the query's class in training episodes)"
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['ways']:>4} {r['shots']:>5} {pct(r['accuracy']):>7} {pct(r['trained']):>8} "
+            f"{pct(r['held_out']):>9} {pct(r['ablated']):>8} {pct(r['prototype']):>10} {pct(r['chance']):>7}"
+        )
+    return "\n".join(lines)

@@ -188,8 +188,11 @@ def _running_mean(values: list[float], k: int) -> list[float]:
     return [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1]) for i in range(len(values))]
 
 
-def plot_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
-    """Training loss per step (total and per stream, running means) and held-out loss, as a PNG."""
+def plot_loss_curve(metrics_path: Path, out_path: Path, final: Optional[dict] = None) -> Optional[Path]:
+    """Training loss per step (total and per stream, running means) and held-out loss, as a PNG. ``final``: the
+    final evaluation's report (``few_shot.json``): its binding table is drawn in a second panel (accuracy against
+    shots, with the image-ablated control, the prototype reference and chance) and its caption scores in the
+    title."""
     records = read_records(metrics_path)
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     evals = [(r["step"], r["loss"]) for r in records if r.get("kind") == "eval" and r.get("loss") is not None]
@@ -202,7 +205,18 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
 
     steps = [r["step"] for r in train]
     k = max(1, len(train) // 30)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    binding = (final or {}).get("binding", {}).get("table")
+    if binding:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+        _plot_binding(bx, binding)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+    captions = (final or {}).get("images")
+    if captions:
+        title = f"captions of held-out scenes: {captions['attribute_accuracy']:.1%} of the attributes right"
+        if (final or {}).get("ablated"):
+            title += f" ({final['ablated']['attribute_accuracy']:.1%} with constant images)"
+        ax.set_title(title, fontsize=9)
     losses = [r["loss"] for r in train]
     ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
     streams = sorted(key for key in train[0] if key.startswith("loss_"))
@@ -223,3 +237,24 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
+
+
+def _plot_binding(ax, rows: list[dict]) -> None:
+    """Binding accuracy against shots, one colour per number of ways."""
+    colours = ("tab:blue", "tab:red", "tab:green", "tab:purple")
+    for colour, ways in zip(colours, sorted({r["ways"] for r in rows})):
+        mine = sorted((r for r in rows if r["ways"] == ways), key=lambda r: r["shots"])
+        shots = [r["shots"] for r in mine]
+        ax.plot(shots, [r["accuracy"] for r in mine], "o-", color=colour, label=f"{ways}-way model")
+        if all(r["ablated"] is not None for r in mine):
+            ax.plot(shots, [r["ablated"] for r in mine], "s--", color=colour, alpha=0.6, label="constant images")
+        proto = [(r["shots"], r["prototype"]) for r in mine if r["prototype"] is not None]
+        if proto:
+            ax.plot(*zip(*proto), ":", color=colour, alpha=0.8, label="prototype (no LM)")
+        ax.axhline(100.0 / ways, color="grey", linewidth=0.6)
+    ax.set_xlabel("shots (demonstrations per word)")
+    ax.set_ylabel("accuracy % (held-out scenes, new words)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("naming new words in context (binding)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -73,6 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(trainer.summary(result), flush=True)
         if not result.stopped_early and config.eval.final_few_shot:
             trainer.few_shot_demo()
+        if not result.stopped_early and config.eval.final_binding:
+            trainer.binding_demo()
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -62,10 +62,12 @@ from .distributed import (
 from .engine import build_deepspeed_config, initialize_engine, load_deepspeed_json, zero_stage
 from .evaluation import (
     FewShotSample,
+    binding_table,
     check_few_shot_prompts,
     constant_images,
     demo_examples,
     few_shot_captions,
+    format_binding_rows,
     format_scene_scores,
     held_out_loss,
     move_batch,
@@ -327,6 +329,7 @@ class Trainer:
                 batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 labels=batch["labels"],
+                loss_only=True,
                 media_mask=batch["media_mask"],
             )
             weight = getattr(self.config.data, name).loss_weight
@@ -620,14 +623,11 @@ class Trainer:
         if self.demo_loader is None or n == 0:
             return []
         demos, queries = demo_examples(self.demo_loader, self.tokenizer, cfg.num_shots, n)
-        export = self.config.export_dir
-        if from_export and (export / "flamingo_config.json").is_file():
-            if not self.ctx.is_main:
-                return []
-            model = load_exported(export).to(self.device).eval()  # fp32, as a user loads it
-            dtype, synced, source = torch.float32, False, f"exported model {export}"
-        else:
-            model, dtype, synced, source = self.model, self.dtype, self._synced_generation, "trained model"
+        final = self._final_model(from_export)
+        if final is None:
+            return []
+        model, dtype, synced, source = final
+        if model is self.model:
             self.engine.eval()
 
         def caption(demonstrations, query_images):
@@ -657,8 +657,89 @@ class Trainer:
         report["samples"] = [{"true": s.true, "generated": s.generated} for s in samples]
         if ablated is not None:
             report["ablated_samples"] = [{"true": s.true, "generated": s.generated} for s in ablated]
-        (self.output_dir / "few_shot.json").write_text(json.dumps(report, indent=2))
+        self._write_few_shot(report, fresh=True)
         return samples
+
+    def _final_model(self, from_export: bool = True):
+        """(model, dtype, synced, source) of the final evaluations: the exported model loaded as a user loads it
+        (rank 0; None on the other ranks), or the trained model itself."""
+        export = self.config.export_dir
+        if from_export and (export / "flamingo_config.json").is_file():
+            if not self.ctx.is_main:
+                return None
+            if getattr(self, "_exported_model", None) is None:
+                self._exported_model = load_exported(export).to(self.device).eval()  # fp32, as a user loads it
+            return self._exported_model, torch.float32, False, f"exported model {export}"
+        return self.model, self.dtype, self._synced_generation, "trained model"
+
+    def _write_few_shot(self, parts: dict[str, Any], fresh: bool = False) -> None:
+        """Merge ``parts`` into ``<output_dir>/few_shot.json`` (``fresh``: replace it) and redraw the loss curve with
+        the final scores."""
+        path = self.output_dir / "few_shot.json"
+        report: dict[str, Any] = {}
+        if path.is_file() and not fresh:
+            try:
+                report = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                report = {}
+        report.update(parts)
+        path.write_text(json.dumps(report, indent=2))
+        if self.config.logging.loss_curve:
+            plot_loss_curve(self.metrics.path, self.metrics.curve_path, final=report)
+
+    def binding_demo(self, from_export: bool = True) -> Optional[dict[str, Any]]:
+        """Frozen's fast-binding test on held-out one-group scenes (``eval.final_binding``): made-up words of the
+        evaluation pool, ``eval.binding_ways`` x ``eval.binding_shots``, with the image-ablated control and the
+        prototype reference; accuracy also split by whether the query's class was one of the training episodes'
+        classes. Printed as a table and written to ``few_shot.json`` (``binding``) and ``binding.json``."""
+        from data_pipelines.synthetic import write_scene_classes
+        from vlm.eval.binding import BindingTask, evaluate_binding
+        from vlm.eval.datasets import load_class_tree
+
+        cfg = self.config.eval
+        final = None
+        if self.ctx.world_size == 1 or from_export:
+            final = self._final_model(from_export)
+        if final is None or (final[0] is self.model and self.ctx.world_size > 1):
+            return None  # rank 0 evaluates the export; a multi-rank run without an export does not evaluate
+        model, _, _, source = final
+        was_training = model.training
+        root = write_scene_classes(Path(self.config.data.cache_dir) / "scene_classes-60", per_class=60)
+        dataset = load_class_tree(root, "test")
+        episodes = self.config.data.episodes
+        trained = None if episodes is None else episodes.episodes.classes
+        trained = set(trained) if trained is not None else (set(dataset.class_names) if episodes else set())
+        start = time.perf_counter()
+        results = evaluate_binding(
+            model,
+            dataset,
+            ways=cfg.binding_ways,
+            shots=cfg.binding_shots,
+            episodes=cfg.binding_episodes,
+            task=BindingTask(closed_form=False),
+            batch_size=16,
+            progress=self.config.logging.progress_bar,
+        )
+        if was_training:
+            model.train()
+        seconds = time.perf_counter() - start
+        table = binding_table(results, trained)
+        report = {
+            "source": source,
+            "seconds": round(seconds, 1),
+            "episodes": cfg.binding_episodes,
+            "trained_classes": sorted(trained),
+            "held_out_classes": sorted(set(dataset.class_names) - trained),
+            "table": table,
+        }
+        print(
+            f"\nbinding: held-out scenes named with made-up words of the evaluation pool ({source}, "
+            f"{cfg.binding_episodes} episodes per setting, {seconds:.0f} s):\n" + format_binding_rows(table),
+            flush=True,
+        )
+        self._write_few_shot({"binding": report})
+        (self.output_dir / "binding.json").write_text(json.dumps(results, indent=2))
+        return report
 
     def close(self) -> None:
         self.metrics.close()

@@ -26,13 +26,18 @@ class FlamingoConfig:
     ``clip_vision_encoder_pretrained``: an open_clip pretrained tag, a local checkpoint file, or
     ``None`` for random weights. ``decoder_layers_attr_name`` (e.g. ``"model.layers"``) overrides the
     automatic search for the LM's decoder-layer list. ``freeze_lm_embeddings`` also freezes the rows
-    of the added tokens (``<image>``, ``<|endofchunk|>``).
+    of the added tokens (``<image>``, ``<|endofchunk|>``). ``resampler_channels``: the width of the resampler's
+    latents and so of the media the cross-attention reads (None: the vision tower's width, as Flamingo); a
+    smaller width projects the tower's features down first. ``vision_image_size``: the side of the square images
+    the tower reads (its transform resizes to it; None: the tower's own size). A convolutional tower reads any size;
+    a smaller one costs less and gives a coarser feature grid (open_clip's ``force_image_size``).
     """
 
     clip_vision_encoder_path: str
     clip_vision_encoder_pretrained: Optional[str]
     lang_encoder_path: str
     tokenizer_path: str
+    vision_image_size: Optional[int] = None
     cross_attn_every_n_layers: int = 1
     decoder_layers_attr_name: Optional[str] = None
     only_attend_immediate_media: bool = True
@@ -41,6 +46,7 @@ class FlamingoConfig:
     resampler_num_heads: int = 8
     resampler_head_channels: int = 64
     resampler_widening_factor: int = 4
+    resampler_channels: Optional[int] = None
     max_num_media: Optional[int] = None
     max_num_frames: Optional[int] = None
     max_num_media_tokens: Optional[int] = None
@@ -72,7 +78,13 @@ class FlamingoConfig:
             "cross_attn_head_channels",
             "cross_attn_widening_factor",
         )
-        for name in ("max_num_media", "max_num_frames", "max_num_media_tokens"):
+        for name in (
+            "max_num_media",
+            "max_num_frames",
+            "max_num_media_tokens",
+            "resampler_channels",
+            "vision_image_size",
+        ):
             if getattr(self, name) is not None:
                 _positive_int(self, name)
 

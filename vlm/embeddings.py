@@ -9,6 +9,7 @@ rows when the LM ties input and output embeddings, its own trainable rows otherw
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -95,6 +96,18 @@ class DecoupledLMHead(nn.Module):
             self.extra_bias: Optional[nn.Parameter] = nn.Parameter(base.bias.detach()[:num_base].mean().repeat(num_new))
         else:
             self.extra_bias = None
+        self._positions: Optional[Tensor] = None
+
+    @contextmanager
+    def only_positions(self, positions: Tensor):
+        """Within the block, a call on hidden states (B, T, D) returns logits (1, N, V) of only the ``N`` positions
+        where the bool mask ``positions`` (B, T) is True (row-major order): the loss needs no others, and the head
+        over a large vocabulary is a large part of a training step. Calls on other shapes are unaffected."""
+        previous, self._positions = self._positions, positions
+        try:
+            yield
+        finally:
+            self._positions = previous
 
     @property
     def out_features(self) -> int:
@@ -107,6 +120,9 @@ class DecoupledLMHead(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h: (..., D) -> logits (..., num_base + num_new)."""
+        positions = self._positions
+        if positions is not None and h.dim() == 3 and h.shape[:2] == positions.shape:
+            h = h[positions].unsqueeze(0)
         logits = self.base(h)
         if logits.shape[-1] != self.num_base:
             logits = logits[..., : self.num_base]

@@ -70,7 +70,10 @@ def create_model_and_transforms(
         resolve_language_path(lang_encoder_path), local_files_only=use_local_files
     )
     vision_encoder, image_processor = create_vision_encoder(
-        clip_vision_encoder_path, clip_vision_encoder_pretrained, frozen=config.freeze_vision_encoder
+        clip_vision_encoder_path,
+        clip_vision_encoder_pretrained,
+        frozen=config.freeze_vision_encoder,
+        image_size=config.vision_image_size,
     )
     model = Flamingo(
         vision_encoder,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -65,8 +66,11 @@ class Flamingo(nn.Module):
         self.overridden_base_parameters: set[str] = set()
 
         self.vision_encoder = vision_encoder
+        vision_channels = vision_encoder.num_channels
+        media_channels = config.resampler_channels or vision_channels
         self.perceiver = PerceiverResampler(
-            vision_encoder.num_channels,
+            media_channels,
+            input_channels=vision_channels if media_channels != vision_channels else None,
             depth=config.resampler_depth,
             num_latents=config.resampler_num_latents,
             num_heads=config.resampler_num_heads,
@@ -90,7 +94,7 @@ class Flamingo(nn.Module):
             if (i + 1) % config.cross_attn_every_n_layers == 0:
                 block = GatedCrossAttentionBlock(
                     lang_channels,
-                    vision_encoder.num_channels,
+                    media_channels,
                     num_heads=config.cross_attn_num_heads,
                     head_channels=config.cross_attn_head_channels,
                     widening_factor=config.cross_attn_widening_factor,
@@ -264,12 +268,16 @@ class Flamingo(nn.Module):
         labels: Optional[Tensor] = None,
         media_mask: Optional[Tensor] = None,
         use_cache: bool = False,
+        loss_only: bool = False,
         **lm_kwargs,
     ):
         """Logits (B, T_txt, V) for ``lang_x`` conditioned on ``vision_x`` (None = no images).
 
         ``labels`` (B, T_txt), -100 = ignored, gives the next-token cross-entropy ``loss`` (labels
         are shifted inside, as in Hugging Face). Returns the language model's output object.
+        ``loss_only`` (with ``labels``): the head computes logits only at the positions that predict a label,
+        the same loss for less work; the returned ``logits`` are then (1, N, V), those N positions in row-major
+        order.
         """
         self._check_inputs(vision_x, lang_x, media_mask, attention_mask, labels)
         latents, media_mask = self.encode_media(vision_x, media_mask, batch_size=lang_x.shape[0])
@@ -278,9 +286,26 @@ class Flamingo(nn.Module):
             # of Hugging Face generation, which makes full and cached decoding agree).
             position_ids = attention_mask.long().cumsum(-1) - 1
             lm_kwargs["position_ids"] = position_ids.masked_fill(attention_mask == 0, 1)
-        with self.conditioning.activate(self.lang_encoder, latents, media_mask):
+        selected = None
+        if loss_only and labels is not None:
+            selected = torch.zeros_like(labels, dtype=torch.bool)
+            selected[:, :-1] = labels[:, 1:] != -100  # position t predicts label t + 1
+        select = self.lang_head.only_positions(selected) if selected is not None else nullcontext()
+        with self.conditioning.activate(self.lang_encoder, latents, media_mask), select:
             out = self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, use_cache=use_cache, **lm_kwargs)
-        if labels is not None:
+        if selected is not None:
+            logits = out.logits.float().reshape(-1, out.logits.shape[-1])
+            targets = labels[:, 1:][selected[:, :-1]]
+            if logits.shape[0] != targets.shape[0]:
+                raise RuntimeError(
+                    f"loss_only: the LM's head returned {logits.shape[0]} positions for {targets.shape[0]} labels "
+                    "(the LM does not call its head once on all hidden states); use loss_only=False"
+                )
+            loss = F.cross_entropy(logits, targets)  # NaN without labels, as the full path
+            fields = dict(out.items())
+            fields["loss"] = loss
+            out = type(out)(**fields)
+        elif labels is not None:
             logits = out.logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
             fields = dict(out.items())

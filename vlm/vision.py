@@ -108,12 +108,13 @@ class ClipVisionEncoder(nn.Module):
 
 
 def create_vision_encoder(
-    name: str, pretrained: Optional[str] = None, frozen: bool = True
+    name: str, pretrained: Optional[str] = None, frozen: bool = True, image_size: Optional[int] = None
 ) -> tuple[ClipVisionEncoder, Callable]:
     """Any open_clip model by name, or a named offline base (:mod:`vlm.bases`, e.g. ``"efficientnet-lite0"``).
 
     ``pretrained`` is an open_clip tag (for a named base: its tag, ``"imagenet"``), a local checkpoint file, or None
-    (random weights). Returns the vision encoder and the model's evaluation preprocessing transform (PIL -> tensor).
+    (random weights). ``image_size``: the images' side instead of the model's own (open_clip's ``force_image_size``).
+    Returns the vision encoder and the model's evaluation preprocessing transform (PIL -> tensor).
     """
     import open_clip
 
@@ -132,6 +133,8 @@ def create_vision_encoder(
                 f"{base.pretrained_tag!r}, a checkpoint file, or None (random weights)"
             )
         kwargs = {"image_mean": prepared.mean, "image_std": prepared.std}
+    if image_size is not None:
+        kwargs["force_image_size"] = image_size
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
     return ClipVisionEncoder(model.visual, frozen=frozen), preprocess
 

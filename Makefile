@@ -21,5 +21,5 @@ bench: install
 	$(PYTHON) benchmarks/bench_encoder.py
 	$(PYTHON) benchmarks/bench_vlm.py
 
-lint:
-	ruff check . && ruff format --check .
+lint: install
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .

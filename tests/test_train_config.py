@@ -49,7 +49,11 @@ def test_default_preset_is_the_embedded_default():
     model = TrainConfig().model
     # the Flamingo recipe on offline pretrained bases: both frozen, gates start slightly open, token positions
     assert model.tiny is None and model.freeze_vision_encoder and model.freeze_lm and model.gate_init == 0.1
-    assert model.max_num_media_tokens == 49  # EfficientNet-Lite0's 7 x 7 grid
+    assert model.vision_image_size == 128 and model.max_num_media_tokens == 16  # EfficientNet-Lite0's 4 x 4 grid
+    # captions and binding episodes of the generated scenes, three colour x shape classes held out of the episodes
+    data = TrainConfig().data
+    assert data.documents is None and data.episodes.episodes.loss_on == "answers"
+    assert len(data.episodes.episodes.classes) == 12 and TrainConfig().eval.final_binding
     assert (model.clip_vision_encoder_path, model.clip_vision_encoder_pretrained) == ("efficientnet-lite0", "imagenet")
     assert model.lang_encoder_path == model.tokenizer_path == "smollm2-135m"
     assert TrainConfig().run.precision == "auto"
@@ -225,7 +229,7 @@ def test_optimizer_gets_only_trainable_params_and_decay_only_on_cross_attention(
     from training.config import ModelConfig
     from training.modeling import build_model, resolve_bases
 
-    cfg = ModelConfig(freeze_vision_encoder=frozen, freeze_lm=frozen, gate_init=None)
+    cfg = ModelConfig(freeze_vision_encoder=frozen, freeze_lm=frozen, gate_init=None, freeze_lm_embeddings=False)
     bases, _ = resolve_bases(cfg, tiny_cache)
     model, _, _ = build_model(cfg, bases, seed=0)
     groups = parameter_groups(model, weight_decay=0.1, lr=1e-3)
@@ -366,8 +370,8 @@ def test_every_loader_option_is_settable_per_stream():
         None,
         [
             "data.pairs.max_consecutive_skips=7",
-            "data.documents.num_workers=2",
-            "data.documents.prefetch_factor=3",
+            "data.episodes.num_workers=2",
+            "data.episodes.prefetch_factor=3",
             "data.pairs.padding=max_length",
             "data.val.max_consecutive_skips=9",
             "data.synthetic.samples_per_shard=50",
@@ -377,8 +381,8 @@ def test_every_loader_option_is_settable_per_stream():
     assert {f.name for f in dataclasses.fields(LoaderConfig)} - owned == set(c.data.pairs.LOADER_FIELDS)
     pairs = c.data.pairs.loader_config(c.data.pairs.sources, kind="pairs", infinite=True)
     assert (pairs.max_consecutive_skips, pairs.padding, pairs.batch_size, pairs.max_length) == (7, "max_length", 16, 32)
-    documents = c.data.documents.loader_config(c.data.documents.sources, kind="documents", infinite=True)
-    assert (documents.num_workers, documents.prefetch_factor, documents.max_images) == (2, 3, 4)
+    episodes = c.data.episodes.loader_config(c.data.episodes.sources, kind="episodes", infinite=True)
+    assert (episodes.num_workers, episodes.prefetch_factor, episodes.max_images) == (2, 3, 8)
     assert c.data.val.loader_config(c.data.val.shards, kind="pairs").max_consecutive_skips == 9
     assert isinstance(c.data.synthetic, SyntheticConfig) and c.data.synthetic.samples_per_shard == 50
 
@@ -643,3 +647,18 @@ def test_training_attention_is_the_math_kernel_on_cpu_for_short_sequences():
         results.append((out, *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_help_names_the_real_default_config(capsys):
+    """`train.py --help` names the config it runs without --config, that file exists and equals the default."""
+    import re
+
+    from training.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    named = set(re.findall(r"configs/[\w.-]+\.yaml", text.split("Arguments:", 1)[1].split("\n\n", 1)[0]))
+    assert named == {"configs/default.yaml"}, text
+    assert load_config(PROJECT_ROOT / "configs" / "default.yaml") == load_config(None)
+    assert "tiny config" not in text

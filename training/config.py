@@ -38,6 +38,7 @@ from pydantic import (
     model_validator,
 )
 
+from data_pipelines.binding import EpisodeConfig
 from data_pipelines.loader import LoaderConfig, SourceConfig
 from data_pipelines.synthetic import SyntheticConfig
 from vlm.config import FlamingoConfig
@@ -75,7 +76,7 @@ class RunConfig(Section):
 
     output_dir: Annotated[str, Field(min_length=1)] = "outputs/default"
     seed: NonNegativeInt = 0
-    max_steps: PositiveInt = 270
+    max_steps: PositiveInt = 240
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deepspeed: str = "configs/deepspeed/zero0.json"
@@ -134,10 +135,24 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "cross_attn_every_n_layers": 5,  # SmolLM2-135M has 30 layers: 6 gated cross-attention layers
     "resampler_depth": 2,
     "resampler_num_latents": 16,
-    # learned positions of a frame's tokens: a CNN grid (EfficientNet-Lite0's 7 x 7 = 49) carries no position
+    # learned positions of a frame's tokens: a CNN grid (EfficientNet-Lite0's 4 x 4 at 128 px) carries no position
     # information of its own, and without them the resampler sees a bag of features
-    "max_num_media_tokens": 49,
+    "max_num_media_tokens": 16,
+    # the generated scenes are 64 px: the tower reads them at 128 px (a 4 x 4 grid) instead of 224 (7 x 7), a third
+    # of the compute with the colour x shape classes as separable (linear probe 99.3% against 99.6%)
+    "vision_image_size": 128,
+    # the resampler and the cross-attention's media at 512 channels instead of the tower's 1280 (a learned projection)
+    "resampler_channels": 512,
+    # the <image> and <|endofchunk|> rows stay as initialised: nothing below the first cross-attention layer needs a
+    # gradient, so the backward pass stops there
+    "freeze_lm_embeddings": True,
 }
+# the classes of the generated one-group scenes ("<colour> <shape>") the default job's binding episodes use; the
+# other three (red triangle, green square, blue circle) appear only in the final binding table
+DEFAULT_EPISODE_CLASSES = (
+    "red circle", "red square", "green circle", "green triangle", "blue square", "blue triangle", "yellow circle",
+    "yellow square", "yellow triangle", "purple circle", "purple square", "purple triangle",
+)  # fmt: skip
 _FlamingoFields = create_model(
     "_FlamingoFields",
     __base__=Section,
@@ -321,10 +336,19 @@ class DataConfig(Section):
     pairs: Optional[StreamConfig] = Field(
         default_factory=lambda: StreamConfig(sources="synthetic:pairs", batch_size=16, max_length=32)
     )
-    documents: Optional[StreamConfig] = Field(
-        default_factory=lambda: StreamConfig(sources="synthetic:documents", batch_size=4, max_length=96, max_images=4)
+    documents: Optional[StreamConfig] = None
+    episodes: Optional[StreamConfig] = Field(
+        default_factory=lambda: StreamConfig(
+            sources="synthetic:pairs",
+            batch_size=4,
+            max_length=112,
+            max_images=8,
+            min_images=3,
+            episodes=EpisodeConfig(
+                ways=(2, 5), shots=(1, 3), queries=(1, 2), loss_on="answers", classes=DEFAULT_EPISODE_CLASSES
+            ),
+        )
     )
-    episodes: Optional[StreamConfig] = None
     val: Optional[EvalStreamConfig] = Field(default_factory=EvalStreamConfig)
     synthetic: Optional[SyntheticConfig] = Field(
         default_factory=lambda: SyntheticConfig(num_docs=600, num_val_pairs=96)

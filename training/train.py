@@ -1,12 +1,12 @@
 """Main job: train a Flamingo-style model with DeepSpeed.
 
-    deepspeed training/train.py                                   # the embedded default: tiny Flamingo, generated data
+    deepspeed training/train.py                                   # the embedded default (configs/default.yaml)
     deepspeed training/train.py --config configs/openflamingo-3b.yaml data.pairs.sources=... optim.lr=2e-4
     deepspeed --num_gpus 2 training/train.py run.deepspeed=configs/deepspeed/zero3.json
     python training/train.py [same arguments]                    # one process, no launcher
 
-Arguments: ``--config PATH`` (YAML/JSON; default: the embedded tiny config) and ``key=value`` overrides
-(values are YAML). The launcher's ``--local_rank`` is accepted; the rank is read from the environment.
+Arguments: ``--config PATH`` (YAML/JSON; default: the embedded default, ``configs/default.yaml``) and ``key=value``
+overrides (values are YAML). The launcher's ``--local_rank`` is accepted; the rank is read from the environment.
 
 Exit status: 0 done (or stopped at ``checkpoint.stop_at_step``), 2 bad configuration, 3 too many non-finite
 losses, 143 / 130 stopped by SIGTERM / SIGINT after writing a checkpoint (run the same command again to resume).

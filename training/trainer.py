@@ -1,6 +1,6 @@
 """The :class:`Trainer`: owns the model engine, the data streams, the training state, checkpoints and metrics.
 
-    trainer = Trainer(load_config("configs/tiny.yaml", ["run.max_steps=50"]))
+    trainer = Trainer(load_config("configs/tiny-random.yaml", ["run.max_steps=50"]))
     result = trainer.fit()          # trains (resuming from the latest checkpoint), checkpoints, exports
     samples = trainer.few_shot_demo()
     trainer.close()
@@ -716,7 +716,7 @@ class Trainer:
             ways=cfg.binding_ways,
             shots=cfg.binding_shots,
             episodes=cfg.binding_episodes,
-            task=BindingTask(closed_form=False),
+            task=BindingTask(closed_form=False, max_new_tokens=4),  # a word of at most 3 tokens, then "."
             batch_size=16,
             progress=self.config.logging.progress_bar,
         )

@@ -3,6 +3,7 @@
     python benchmarks/profile_train_step.py                          # configs/default.yaml, 2 warm-up + 4 steps
     python benchmarks/profile_train_step.py --steps 6 model.freeze_lm_embeddings=true
     python benchmarks/profile_train_step.py --out benchmarks/results/train_step_profile.json
+    python benchmarks/profile_train_step.py --full-logits         # the LM head at every position, not only the loss's
 
 It builds the trainer of ``training/train.py`` from the same ``--config`` and ``key=value`` overrides (in one
 process, no launcher) and runs real optimizer steps. Module hooks time each part's forward; its backward is the
@@ -99,7 +100,7 @@ def model_parts(model) -> dict[str, torch.nn.Module]:
     return parts
 
 
-def profile(config_path, overrides, steps: int, warmup: int) -> dict:
+def profile(config_path, overrides, steps: int, warmup: int, full_logits: bool = False) -> dict:
     from training.config import load_config
     from training.data import check_batch
     from training.evaluation import move_batch
@@ -140,7 +141,7 @@ def profile(config_path, overrides, steps: int, warmup: int) -> dict:
                     batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     labels=batch["labels"],
-                    loss_only=True,
+                    loss_only=not full_logits,
                     media_mask=batch["media_mask"],
                 )
                 weight = getattr(config.data, name).loss_weight
@@ -179,6 +180,7 @@ def profile(config_path, overrides, steps: int, warmup: int) -> dict:
     return {
         "config": config_path or "configs/default.yaml (embedded default)",
         "overrides": overrides,
+        "full_logits": full_logits,
         "precision": config.run.precision,
         "threads": torch.get_num_threads(),
         "steps": steps,
@@ -232,12 +234,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--summary", action="store_true", help="layers and cross-attention blocks summed")
+    parser.add_argument("--full-logits", action="store_true", help="the LM head at every position (loss_only off)")
     parser.add_argument("--out", type=Path, default=None, help="write the profile as JSON here")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
         parser.error(f"unexpected arguments {bad}: expected key=value overrides")
-    result = profile(args.config, overrides, args.steps, args.warmup)
+    result = profile(args.config, overrides, args.steps, args.warmup, args.full_logits)
     print(format_profile(result, by_layer=not args.summary))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,3 +96,45 @@ def test_episodes_benchmark_reads_the_same_episodes_both_ways(tmp_path):
     saved = json.loads(out.read_text())
     for name in ("on_the_fly", "document_shards"):
         assert saved["median"][name]["episodes_per_s"] > 0 and saved["median"][name]["images_per_s"] > 0
+
+
+def test_default_spread_summary_takes_mean_and_range_over_seeds():
+    from bench_default_spread import format_summary, summarise
+
+    def run(seed, captions, ablated, one_shot):
+        table = [
+            {"ways": 2, "shots": 0, "accuracy": 0.0, "ablated": 0.0, "prototype": None, "chance": 50.0,
+             "trained": 0.0, "held_out": 0.0},
+            {"ways": 2, "shots": 1, "accuracy": one_shot, "ablated": 50.0, "prototype": 90.0, "chance": 50.0,
+             "trained": one_shot, "held_out": None},
+        ]  # fmt: skip
+        report = {"images": {"attribute_accuracy": captions}, "ablated": {"attribute_accuracy": ablated},
+                  "binding": {"table": table}}  # fmt: skip
+        return {"seed": seed, "wall_seconds": 600.0 + seed, "report": report}
+
+    summary = summarise([run(0, 0.70, 0.10, 90.0), run(1, 0.80, 0.20, 100.0)])
+    assert summary["caption_attributes"]["mean"] == pytest.approx(75.0)
+    assert (summary["caption_attributes"]["min"], summary["caption_attributes"]["max"]) == pytest.approx((70.0, 80.0))
+    assert summary["wall_seconds"]["values"] == [600.0, 601.0]
+    one = summary["binding"][1]
+    assert (one["ways"], one["shots"], one["accuracy"]["mean"], one["held_out"]) == (2, 1, 95.0, None)
+    assert summary["binding"][0]["prototype"] is None
+    assert "| 2 | 1 | 95.0 [90.0, 100.0] |" in format_summary(summary)
+
+
+def test_training_step_profile_covers_every_part(tmp_path):
+    """profile_train_step on the tiny random bases: every LM layer and cross-attention block has a forward and a
+    backward time, and the parts add up to the step."""
+    from train_helpers import small_overrides
+
+    from profile_train_step import format_profile, profile
+
+    overrides = [o for o in small_overrides(tmp_path / "cache", tmp_path / "unused") if not o.startswith("run.output")]
+    result = profile(str(ROOT / "configs" / "tiny-random.yaml"), overrides, steps=2, warmup=1)
+    parts = {r["part"]: r for r in result["parts"]}
+    layers = [name for name in parts if name.startswith("layer ")]
+    assert len(layers) == 2 and {"vision tower", "resampler", "lm head", "loss", "optimizer", "data"} <= set(parts)
+    assert any(name.startswith("xattn ") for name in parts)
+    assert all(parts[name]["forward_s"] > 0 and parts[name]["backward_s"] > 0 for name in layers)
+    assert sum(r["total_s"] for r in result["parts"]) == pytest.approx(result["step_s"], rel=0.25)
+    assert "layers (all)" in format_profile(result, by_layer=False)

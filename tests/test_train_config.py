@@ -52,7 +52,7 @@ def test_default_preset_is_the_embedded_default():
     assert model.vision_image_size == 128 and model.max_num_media_tokens == 16  # EfficientNet-Lite0's 4 x 4 grid
     # captions and binding episodes of the generated scenes, three colour x shape classes held out of the episodes
     data = TrainConfig().data
-    assert data.documents is None and data.episodes.episodes.loss_on == "answers"
+    assert data.documents is not None and data.episodes.episodes.loss_on == "answers"
     assert len(data.episodes.episodes.classes) == 12 and TrainConfig().eval.final_binding
     assert (model.clip_vision_encoder_path, model.clip_vision_encoder_pretrained) == ("efficientnet-lite0", "imagenet")
     assert model.lang_encoder_path == model.tokenizer_path == "smollm2-135m"

@@ -27,6 +27,7 @@ def test_default_job_on_pretrained_bases(tmp_path):
         "data.synthetic.num_docs=8",
         "data.synthetic.num_val_pairs=8",
         "data.pairs.batch_size=4",
+        "data.documents.batch_size=1",
         "data.val.batch_size=4",
         "eval.every_steps=0",
         "eval.final_queries=4",

@@ -143,9 +143,6 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "vision_image_size": 128,
     # the resampler and the cross-attention's media at 512 channels instead of the tower's 1280 (a learned projection)
     "resampler_channels": 512,
-    # the <image> and <|endofchunk|> rows stay as initialised: nothing below the first cross-attention layer needs a
-    # gradient, so the backward pass stops there
-    "freeze_lm_embeddings": True,
 }
 # the classes of the generated one-group scenes ("<colour> <shape>") the default job's binding episodes use; the
 # other three (red triangle, green square, blue circle) appear only in the final binding table
@@ -173,24 +170,15 @@ class ModelConfig(_FlamingoFields):
     use_local_files: no hub downloads. freeze_lm (freeze_vision_encoder: FlamingoConfig's): keep the base weights
     frozen (as OpenFlamingo does); tiny random bases must train. activation_checkpointing: recompute the LM decoder
     layers, cross-attention blocks and resampler layers in the backward pass. gate_init: start value of the
-    cross-attention tanh gates; null keeps the model's 0 (the blocks start as the identity, as OpenFlamingo
-    does). The default 0.1 starts them slightly open: on the pretrained bases, 250 steps from gates at 0 left the
-    held-out attribute accuracy at the image-ablated control's (15.3% both), from 0.1 they read the picture.
-    From-scratch bases need wider open gates (tiny-random: 0.5): with a random LM and vision tower, gates at 0 get
-    no consistent gradient and the visual pathway never starts to learn. match_lm_scale: size each cross-attention
-    block's outputs to the frozen LM's hidden states at its depth (``training.modeling.match_lm_scale``: the output
-    projections start, and learn, ``s`` times larger, ``s`` the LM's hidden-state RMS there; the model itself is a
-    plain Flamingo). Without it a new block writes about 0.1 into a residual stream of RMS 4 to 28 (SmolLM2-135M)
-    and the images stay unread for hundreds of steps: on Flickr8k, 50 steps gave a held-out loss 0.000 nats/token
-    better than with constant images without it, 0.030 with it. latents_init_std: standard deviation of the
-    resampler's learned latents at init (null keeps the model's 1.0, as OpenFlamingo). The latents are the residual
-    stream the images are added to: at 1.0 only 2.5% of the resampled latents' variance depends on the image (on
-    EfficientNet-Lite0 features of Flickr8k photos), at 0.1 59%. Together with match_lm_scale, 100 steps on
-    Flickr8k made the held-out loss 0.10 nats/token better than with constant images (without either: 0.000).
-    Both are on by default and in configs/flickr8k.yaml (off in tiny-random and the OpenFlamingo presets): on the
-    generated scenes, with optim.lr 1e-3, the default job read 73.5% of the attributes after 300 steps against
-    22.8% without them (ablated controls 4.1% and 5.4%), both with weight decay on the cross-attention gates and
-    LayerNorms; with OpenFlamingo's decay rule (the current code) the 270-step default job read 68.0% (12.6%).
+    cross-attention tanh gates; null keeps the model's 0 (the blocks start as the identity, as OpenFlamingo does);
+    slightly open gates let a frozen pretrained LM start reading the images, and from-scratch bases need wider ones
+    (tiny-random: 0.5). match_lm_scale: size each cross-attention block's outputs to the frozen LM's hidden states
+    at its depth (``training.modeling.match_lm_scale``: the output projections start, and learn, ``s`` times larger,
+    ``s`` the LM's hidden-state RMS there; the model itself is a plain Flamingo), so that a new block's output is
+    not lost in a residual stream of much larger scale. latents_init_std: standard deviation of the resampler's
+    learned latents at init (null keeps the model's 1.0, as OpenFlamingo); small latents leave the image most of
+    the resampled latents' variance. The measurements behind these defaults are in training/README.md and
+    recipes/results/default/README.md.
     """
 
     tiny: Optional[TinyBasesConfig] = None
@@ -336,7 +324,9 @@ class DataConfig(Section):
     pairs: Optional[StreamConfig] = Field(
         default_factory=lambda: StreamConfig(sources="synthetic:pairs", batch_size=16, max_length=32)
     )
-    documents: Optional[StreamConfig] = None
+    documents: Optional[StreamConfig] = Field(
+        default_factory=lambda: StreamConfig(sources="synthetic:documents", batch_size=4, max_length=96, max_images=4)
+    )
     episodes: Optional[StreamConfig] = Field(
         default_factory=lambda: StreamConfig(
             sources="synthetic:pairs",

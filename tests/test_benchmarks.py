@@ -125,9 +125,8 @@ def test_default_spread_summary_takes_mean_and_range_over_seeds():
 def test_training_step_profile_covers_every_part(tmp_path):
     """profile_train_step on the tiny random bases: every LM layer and cross-attention block has a forward and a
     backward time, and the parts add up to the step."""
-    from train_helpers import small_overrides
-
     from profile_train_step import format_profile, profile
+    from train_helpers import small_overrides
 
     overrides = [o for o in small_overrides(tmp_path / "cache", tmp_path / "unused") if not o.startswith("run.output")]
     result = profile(str(ROOT / "configs" / "tiny-random.yaml"), overrides, steps=2, warmup=1)

@@ -96,7 +96,7 @@ def test_smoke_default_config_loss_falls(cache, tmp_path, capsys, monkeypatch):
                     assert batch["vision_x"].shape[0] > 1
                     out_ = trainer.model(images(batch["vision_x"]), batch["input_ids"],
                                          attention_mask=batch["attention_mask"], labels=batch["labels"],
-                                         media_mask=batch["media_mask"])  # fmt: skip
+                                         media_mask=batch["media_mask"], loss_only=True)  # fmt: skip
                     n = int((batch["labels"][:, 1:] != -100).sum())
                     num, den = num + float(out_.loss) * n, den + n
             assert control == pytest.approx(num / den, rel=1e-9, abs=0)  # the same computation

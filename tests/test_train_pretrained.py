@@ -23,7 +23,7 @@ def test_default_job_on_pretrained_bases(tmp_path):
         f"data.cache_dir={tmp_path / 'cache'}",
         "run.max_steps=3",
         "optim.warmup_steps=0",
-        "data.synthetic.num_pairs=48",
+        "data.synthetic.num_pairs=240",  # enough one-group scenes of the three episode classes
         "data.synthetic.num_docs=8",
         "data.synthetic.num_val_pairs=8",
         "data.pairs.batch_size=4",

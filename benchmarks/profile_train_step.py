@@ -101,10 +101,10 @@ def model_parts(model) -> dict[str, torch.nn.Module]:
 
 
 def profile(config_path, overrides, steps: int, warmup: int, full_logits: bool = False) -> dict:
+    """Runs ``warmup + steps`` optimizer steps of the trainer itself (``Trainer.train_step``), timing its parts
+    through wrappers of the streams' ``next``, the engine's ``backward`` and ``step``, and module hooks."""
     from training.config import load_config
-    from training.data import check_batch
-    from training.evaluation import move_batch
-    from training.trainer import Trainer, training_attention
+    from training.trainer import Trainer
 
     out_dir = tempfile.mkdtemp(prefix="profile_step_")
     config = load_config(
@@ -118,51 +118,55 @@ def profile(config_path, overrides, steps: int, warmup: int, full_logits: bool =
         ],
     )
     trainer = Trainer(config)
-    model = trainer.model
-    streams = list(trainer.streams)
-    longest = [getattr(config.data, n).max_length for n in streams]
-    longest = None if None in longest else max(longest)
-    data_time = opt_time = 0.0
+    model, engine = trainer.model, trainer.engine
+    clock = {"data": 0.0, "optimizer": 0.0}
+    profiler: list[StepProfiler] = []  # set once the warm-up steps are done
+
+    def timed(name, fn, around=None):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            if around:
+                around[0]()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if around:
+                    around[1]()
+                if name:
+                    clock[name] += time.perf_counter() - start
+
+        return run
+
+    for stream in trainer.streams.values():
+        stream.next = timed("data", stream.next)
+    engine.step = timed("optimizer", engine.step)
+    engine.backward = timed(
+        None,
+        engine.backward,
+        around=(
+            lambda: profiler and profiler[0].backward_started(),
+            lambda: profiler and profiler[0].backward_finished(),
+        ),
+    )
+    if full_logits:  # the trainer asks for loss_only=True; the head then runs at every position instead
+        forward = model.forward
+        model.forward = lambda *args, **kwargs: forward(*args, **{**kwargs, "loss_only": False})
     step_times, tokens, positions = [], [], []
-    profiler = None
     for step in range(warmup + steps):
         if step == warmup:
-            profiler = StepProfiler(model_parts(model))
-        t0 = time.perf_counter()
-        batches = {}
-        for name, stream in trainer.streams.items():
-            batches[name] = move_batch(check_batch(name, stream.next()), trainer.device, trainer.dtype)
-        t_data = time.perf_counter()
-        with training_attention(trainer.device, longest):
-            total = None
-            for name, batch in batches.items():
-                out = trainer.engine(
-                    batch["vision_x"],
-                    batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    labels=batch["labels"],
-                    loss_only=not full_logits,
-                    media_mask=batch["media_mask"],
-                )
-                weight = getattr(config.data, name).loss_weight
-                total = out.loss * weight if total is None else total + out.loss * weight
-            if profiler:
-                profiler.backward_started()
-            trainer.engine.backward(total)
-            if profiler:
-                profiler.backward_finished()
-        t_opt = time.perf_counter()
-        trainer.engine.step()
-        t_end = time.perf_counter()
+            profiler.append(StepProfiler(model_parts(model)))
+            clock.update(data=0.0, optimizer=0.0)
+        start = time.perf_counter()
+        record = trainer.train_step()
         if step >= warmup:
-            data_time += t_data - t0
-            opt_time += t_end - t_opt
-            step_times.append(t_end - t0)
-            tokens.append(sum(int(b["attention_mask"].sum()) for b in batches.values()))
-            positions.append(sum(int(b["attention_mask"].numel()) for b in batches.values()))
+            step_times.append(time.perf_counter() - start)
+            tokens.append(record["tokens"])
+            positions.append(record["positions"])
+    profiler = profiler[0]
     profiler.close()
     trainer.close()
     total_time = sum(step_times)
+    data_time, opt_time = clock["data"], clock["optimizer"]
     rows = [{"part": "data", "forward_s": data_time / steps, "backward_s": 0.0}]
     for name in profiler.calls:
         rows.append(

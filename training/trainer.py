@@ -697,9 +697,7 @@ class Trainer:
         from vlm.eval.datasets import load_class_tree
 
         cfg = self.config.eval
-        final = None
-        if self.ctx.world_size == 1 or from_export:
-            final = self._final_model(from_export)
+        final = self._final_model(from_export)
         if final is None or (final[0] is self.model and self.ctx.world_size > 1):
             return None  # rank 0 evaluates the export; a multi-rank run without an export does not evaluate
         model, _, _, source = final
